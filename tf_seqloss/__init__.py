@@ -1,0 +1,13 @@
+"""Masked sequence cross-entropy for TensorFlow 2 and Keras.
+
+The maintained replacement for `tf.contrib.seq2seq.sequence_loss` and `tfa.seq2seq.sequence_loss`, plus
+the TF1 `tf.losses.softmax_cross_entropy` family for migrating code.
+"""
+
+from tf_seqloss.sequence_loss import sequence_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "sequence_loss",
+]

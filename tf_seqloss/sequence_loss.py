@@ -1,0 +1,248 @@
+"""`sequence_loss`: the weighted cross-entropy of `[batch, time, classes]` logits, as contrib and TFA had it."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Optional
+
+import tensorflow as tf
+
+from tf_seqloss import _checks, _xent
+
+_LAYOUT_LOGITS = "[batch, time, classes]"
+_LAYOUT_TARGETS = "[batch, time] class ids, or [batch, time, classes] probabilities"
+
+
+def sequence_loss(
+    logits,
+    targets,
+    weights=None,
+    average_across_timesteps: bool = True,
+    average_across_batch: bool = True,
+    sum_over_timesteps: bool = False,
+    sum_over_batch: bool = False,
+    softmax_loss_function: Optional[Callable] = None,
+    name: Optional[str] = None,
+    *,
+    lengths=None,
+    padding_id: Optional[int] = None,
+    label_smoothing=0.0,
+    epsilon: Optional[float] = None,
+    implementation: str = "auto",
+):
+    """Returns the weighted cross-entropy of a batch of sequences, reduced as the flags say.
+
+    A drop-in replacement for `tf.contrib.seq2seq.sequence_loss` and `tfa.seq2seq.sequence_loss`: same
+    positional order, same defaults, same results. The per-token loss is
+    `tf.nn.sparse_softmax_cross_entropy_with_logits` for class ids and
+    `tf.nn.softmax_cross_entropy_with_logits` for probabilities; each token's loss is multiplied by its
+    weight and the result is reduced:
+
+    | flags set to True                             | output shape      | value                                  |
+    |-----------------------------------------------|-------------------|----------------------------------------|
+    | `average_across_timesteps, average_across_batch` (default) | `[]`  | `sum(w * ce) / sum(w)`                 |
+    | `average_across_timesteps`                    | `[batch]`         | `sum_t(w * ce) / sum_t(w)`             |
+    | `average_across_batch`                        | `[time]`          | `sum_b(w * ce) / sum_b(w)`             |
+    | `sum_over_timesteps, sum_over_batch`          | `[]`              | `sum(w * ce) / count_nonzero(w)`       |
+    | `sum_over_timesteps`                          | `[batch]`         | `sum_t(w * ce) / count_nonzero_t(w)`   |
+    | `sum_over_batch`                              | `[time]`          | `sum_b(w * ce) / count_nonzero_b(w)`   |
+    | none                                          | `[batch, time]`   | `w * ce`                               |
+
+    Despite their names, the `sum_over_*` flags divide by the number of non-zero weights, as TFA's do.
+    Every division is `tf.math.divide_no_nan`: an all-zero slice of weights gives 0, never NaN (contrib
+    1.14+ and TFA); pass `epsilon=1e-12` for the `sum / (sum(w) + 1e-12)` of contrib 1.4 to 1.13.
+    An `average_across_*` flag cannot be combined with a `sum_over_*` flag (`ValueError`).
+
+    Args:
+        logits: `[batch, time, classes]` float16, bfloat16, float32 or float64 unscaled log-probabilities.
+        targets: `[batch, time]` int32 or int64 class ids, or `[batch, time, classes]` probabilities.
+        weights: `[batch, time]` float weights of any float dtype (cast to the compute dtype), typically a
+            0/1 mask from `tf.sequence_mask`. `None` means all ones.
+        average_across_timesteps: divide the sum over time by the summed weights over time.
+        average_across_batch: divide the sum over the batch by the summed weights over the batch.
+        sum_over_timesteps: reduce over time, dividing by the number of non-zero weights.
+        sum_over_batch: reduce over the batch, dividing by the number of non-zero weights.
+        softmax_loss_function: a replacement per-token loss, called as contrib did:
+            `softmax_loss_function(labels=targets_flat, logits=logits_flat)` with `logits_flat` of shape
+            `[batch * time, classes]` (as given, not cast) and `targets_flat` of shape `[batch * time]`
+            (or `[batch * time, classes]`), returning `[batch * time]` losses. To use a function with
+            another signature, such as `tf.nn.sampled_softmax_loss`, wrap it:
+            `lambda labels, logits: tf.nn.sampled_softmax_loss(w, b, labels[:, None], logits, n, v)`.
+        name: name scope of the operations; defaults to `"sequence_loss"`.
+        lengths: keyword-only. `[batch]` integer sequence lengths in `[0, time]`; positions at or past a
+            sequence's length get weight 0 (`tf.sequence_mask(lengths, time)`).
+        padding_id: keyword-only. A class id that marks padding in sparse `targets`; positions holding
+            it get weight 0. It may lie outside `[0, classes)` (e.g. -1 or -100).
+        label_smoothing: keyword-only. TF1 label smoothing in `[0, 1]`: the targets become
+            `(1 - label_smoothing) * one_hot + label_smoothing / classes`. For sparse targets no one-hot
+            matrix is built. Not allowed with `softmax_loss_function`.
+        epsilon: keyword-only. `None` (default) divides with `divide_no_nan`; a number divides by
+            `normaliser + epsilon` instead, reproducing contrib 1.4 to 1.13 with `epsilon=1e-12`.
+        implementation: keyword-only. How the per-token loss of sparse targets is computed; every choice
+            gives the same values and gradients to float tolerance. `"reference"` is
+            `tf.nn.sparse_softmax_cross_entropy_with_logits`; `"auto"` (default) picks the formulation
+            measured fastest for the device (see `tf_seqloss._xent.IMPLEMENTATIONS`).
+
+    `weights`, `lengths` and `padding_id` combine by multiplication: the effective weight of a token is
+    `weights * sequence_mask(lengths) * (targets != padding_id)`.
+
+    Returns:
+        The reduced loss, of the rank the flags give (0, 1 or 2). Its dtype is float32 for float16 and
+        bfloat16 logits (the loss is computed in float32, so logits up to the float16 maximum of 65504 do
+        not overflow) and the logits' dtype otherwise.
+
+    A sparse target id outside `[0, classes)` at a position with non-zero weight makes the loss NaN
+    (elementwise outputs: that element) in eager mode, under `tf.function` and under XLA alike, and on
+    CPU and GPU alike; at a position with zero weight it is ignored, so padding may hold any id.
+
+    Raises:
+        ValueError: wrong ranks, batch/time/classes sizes that disagree, conflicting flags,
+            `label_smoothing` outside `[0, 1]` or with `softmax_loss_function`, `padding_id` with
+            probability targets. Where sizes are only known at run time, a mismatch raises
+            `tf.errors.InvalidArgumentError` when the graph runs.
+        TypeError: non-float `logits` or `weights`, non-integer sparse `targets` or `lengths`, or a
+            `softmax_loss_function` that cannot be called with `labels=` and `logits=` keywords.
+
+    Example:
+
+    >>> import tensorflow as tf, tf_seqloss
+    >>> logits = tf.zeros([2, 3, 5])                      # uniform over 5 classes
+    >>> targets = tf.constant([[1, 2, 0], [4, 0, 0]])
+    >>> float(tf_seqloss.sequence_loss(logits, targets, lengths=[3, 1]))  # log(5)
+    1.609437...
+    """
+    _check_flags(average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch)
+    _checks.check_label_smoothing(label_smoothing)
+    if softmax_loss_function is not None and not _checks.is_zero(label_smoothing):
+        raise ValueError(
+            "`label_smoothing` cannot be combined with `softmax_loss_function`: smooth the labels inside "
+            "your function instead. Received: label_smoothing={label_smoothing}".format(
+                label_smoothing=label_smoothing)
+        )
+    if epsilon is not None and not (isinstance(epsilon, (int, float)) and epsilon >= 0):
+        raise ValueError(f"`epsilon` must be None or a non-negative number. Received: epsilon={epsilon!r}")
+    _xent.check_implementation(implementation)
+
+    with tf.name_scope(name or "sequence_loss"):
+        logits = tf.convert_to_tensor(logits, name="logits")
+        targets = tf.convert_to_tensor(targets, name="targets")
+        _checks.check_floating(logits, "logits")
+        _checks.check_rank(logits, "logits", (3,), _LAYOUT_LOGITS)
+        dense = _checks.check_rank(targets, "targets", (2, 3), _LAYOUT_TARGETS) == 3
+        _checks.check_same_dim(logits, "logits", 0, targets, "targets", 0, "batch")
+        _checks.check_same_dim(logits, "logits", 1, targets, "targets", 1, "time")
+        if dense:
+            _checks.check_floating(targets, "targets")
+            _checks.check_same_dim(logits, "logits", 2, targets, "targets", 2, "classes")
+            if padding_id is not None:
+                raise ValueError(
+                    "`padding_id` needs sparse `targets` of class ids ([batch, time]); with probability "
+                    f"targets pass `weights` or `lengths`. Received: targets.shape={targets.shape}"
+                )
+        else:
+            targets = _checks.check_class_ids(targets, "targets")
+
+        dtype = _checks.compute_dtype(logits.dtype)
+        token_weights = _token_weights(logits, targets, weights, lengths, padding_id, dtype)
+
+        valid = None
+        if softmax_loss_function is not None:
+            token_loss = _call_custom_loss(softmax_loss_function, logits, targets, dense, dtype)
+        elif dense:
+            token_loss = _xent.dense_cross_entropy(logits, targets, label_smoothing)
+        else:
+            token_loss, valid = _xent.sparse_cross_entropy(
+                logits, targets, label_smoothing, implementation=implementation)
+
+        weighted = token_loss * token_weights
+        if valid is not None:
+            weighted = _xent.mask_invalid_ids(weighted, valid, token_weights)
+        return _reduce(weighted, token_weights, average_across_timesteps, average_across_batch,
+                       sum_over_timesteps, sum_over_batch, epsilon)
+
+
+def _check_flags(average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch):
+    flags = dict(average_across_timesteps=average_across_timesteps, average_across_batch=average_across_batch,
+                 sum_over_timesteps=sum_over_timesteps, sum_over_batch=sum_over_batch)
+    for flag, value in flags.items():
+        if not isinstance(value, bool) and type(value).__name__ != "bool_":
+            raise TypeError(f"`{flag}` must be a Python bool. Received: {flag}={value!r}")
+    for average, total in (("average_across_timesteps", "sum_over_timesteps"),
+                           ("average_across_batch", "sum_over_batch"),
+                           ("average_across_batch", "sum_over_timesteps"),
+                           ("average_across_timesteps", "sum_over_batch")):
+        if flags[average] and flags[total]:
+            raise ValueError(
+                f"`{average}` and `{total}` cannot both be True: the `average_across_*` flags divide by "
+                "the summed weights and the `sum_over_*` flags by the count of non-zero weights, and one "
+                "loss cannot do both. Set one family of flags only."
+            )
+
+
+def _token_weights(logits, targets, weights, lengths, padding_id, dtype):
+    """Returns the `[batch, time]` effective weights in `dtype`."""
+    token_weights = None
+    if weights is not None:
+        weights = tf.convert_to_tensor(weights, name="weights")
+        _checks.check_floating(weights, "weights")
+        _checks.check_rank(weights, "weights", (2,), "[batch, time]")
+        _checks.check_same_dim(logits, "logits", 0, weights, "weights", 0, "batch")
+        _checks.check_same_dim(logits, "logits", 1, weights, "weights", 1, "time")
+        token_weights = tf.cast(weights, dtype)
+    if lengths is not None:
+        lengths = tf.convert_to_tensor(lengths, name="lengths")
+        if not lengths.dtype.is_integer:
+            raise TypeError(
+                f"`lengths` must hold integer sequence lengths. Received: lengths.dtype={lengths.dtype.name}")
+        _checks.check_rank(lengths, "lengths", (1,), "[batch]")
+        _checks.check_same_dim(logits, "logits", 0, lengths, "lengths", 0, "batch")
+        time = tf.cast(_checks.dim(logits, 1), lengths.dtype)
+        tf.debugging.assert_less_equal(
+            lengths, time, message="`lengths` must not exceed the time dimension of `logits`")
+        tf.debugging.assert_non_negative(lengths, message="`lengths` must be non-negative")
+        mask = tf.sequence_mask(lengths, maxlen=_checks.dim(logits, 1), dtype=dtype)
+        token_weights = mask if token_weights is None else token_weights * mask
+    if padding_id is not None:
+        if not isinstance(padding_id, int) or isinstance(padding_id, bool):
+            raise TypeError(f"`padding_id` must be a Python int. Received: padding_id={padding_id!r}")
+        keep = tf.cast(tf.not_equal(targets, tf.cast(padding_id, targets.dtype)), dtype)
+        token_weights = keep if token_weights is None else token_weights * keep
+    if token_weights is None:
+        token_weights = tf.ones(tf.shape(targets)[:2], dtype)
+    return token_weights
+
+
+def _call_custom_loss(softmax_loss_function, logits, targets, dense, dtype):
+    try:
+        inspect.signature(softmax_loss_function).bind(labels=None, logits=None)
+    except TypeError as err:
+        raise TypeError(
+            "`softmax_loss_function` is called as `softmax_loss_function(labels=..., logits=...)` with "
+            "flattened `[batch * time]` labels and `[batch * time, classes]` logits, and must return "
+            f"`[batch * time]` losses; {softmax_loss_function!r} cannot take those keywords ({err}). "
+            "Wrap it, e.g. `lambda labels, logits: tf.nn.sampled_softmax_loss(weights, biases, "
+            "labels[:, None], logits, num_sampled, num_classes)`."
+        ) from None
+    except ValueError:
+        pass  # No signature to inspect (some builtins): let the call itself decide.
+    num_classes = _checks.dim(logits, 2)
+    flat_logits = tf.reshape(logits, [-1, num_classes])
+    flat_targets = tf.reshape(targets, [-1, num_classes] if dense else [-1])
+    flat_loss = softmax_loss_function(labels=flat_targets, logits=flat_logits)
+    return tf.reshape(tf.cast(flat_loss, dtype), tf.shape(logits)[:2])
+
+
+def _reduce(weighted, token_weights, average_across_timesteps, average_across_batch,
+            sum_over_timesteps, sum_over_batch, epsilon):
+    axes = [axis for axis, on in ((0, average_across_batch or sum_over_batch),
+                                  (1, average_across_timesteps or sum_over_timesteps)) if on]
+    if not axes:
+        return weighted
+    total = tf.reduce_sum(weighted, axis=axes)
+    if average_across_timesteps or average_across_batch:
+        normaliser = tf.reduce_sum(token_weights, axis=axes)
+    else:
+        normaliser = tf.math.count_nonzero(token_weights, axis=axes, dtype=weighted.dtype)
+    if epsilon is None:
+        return tf.math.divide_no_nan(total, normaliser)
+    return total / (normaliser + tf.cast(epsilon, normaliser.dtype))
