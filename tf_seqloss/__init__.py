@@ -5,9 +5,19 @@ the TF1 `tf.losses.softmax_cross_entropy` family for migrating code.
 """
 
 from tf_seqloss.sequence_loss import sequence_loss
+from tf_seqloss.tf1_losses import (
+    Reduction,
+    compute_weighted_loss,
+    softmax_cross_entropy,
+    sparse_softmax_cross_entropy,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Reduction",
+    "compute_weighted_loss",
     "sequence_loss",
+    "softmax_cross_entropy",
+    "sparse_softmax_cross_entropy",
 ]

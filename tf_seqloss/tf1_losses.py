@@ -1,0 +1,222 @@
+"""The TF1 `tf.losses` softmax cross-entropy family, TF2-native, for migrating code.
+
+`softmax_cross_entropy` and `sparse_softmax_cross_entropy` take the arguments and give the results of
+`tf.compat.v1.losses.softmax_cross_entropy` and `tf.compat.v1.losses.sparse_softmax_cross_entropy`, with
+the same `Reduction` keys, but build no graph collections and run eagerly, under `tf.function` and XLA.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import tensorflow as tf
+
+from tf_seqloss import _checks, _xent
+
+
+class Reduction:
+    """The TF1 reduction keys; the values are TF1's own strings, so `tf.compat.v1` constants work too.
+
+    - `NONE`: the weighted per-example losses, unreduced.
+    - `SUM`: the sum of the weighted losses.
+    - `MEAN`: the sum of the weighted losses divided by the sum of the weights.
+    - `SUM_OVER_BATCH_SIZE`: the sum of the weighted losses divided by the number of losses.
+    - `SUM_BY_NONZERO_WEIGHTS` (alias `SUM_OVER_NONZERO_WEIGHTS`): the sum of the weighted losses divided by
+      the number of non-zero weights. TF1's default.
+
+    Every division is `divide_no_nan`: all-zero weights give 0.
+    """
+
+    NONE = "none"
+    SUM = "weighted_sum"
+    SUM_OVER_BATCH_SIZE = "weighted_sum_over_batch_size"
+    MEAN = "weighted_mean"
+    SUM_BY_NONZERO_WEIGHTS = "weighted_sum_by_nonzero_weights"
+    SUM_OVER_NONZERO_WEIGHTS = SUM_BY_NONZERO_WEIGHTS
+
+    @classmethod
+    def all(cls) -> tuple[str, ...]:
+        return (cls.NONE, cls.SUM, cls.MEAN, cls.SUM_OVER_BATCH_SIZE, cls.SUM_BY_NONZERO_WEIGHTS)
+
+    @classmethod
+    def validate(cls, key: str) -> None:
+        if key not in cls.all():
+            raise ValueError(
+                f"Invalid value for argument `reduction`. Expected one of {cls.all()}. Received: reduction={key!r}")
+
+
+def softmax_cross_entropy(
+    onehot_labels,
+    logits,
+    weights=1.0,
+    label_smoothing=0,
+    scope: Optional[str] = None,
+    loss_collection: Optional[str] = "losses",
+    reduction: str = Reduction.SUM_BY_NONZERO_WEIGHTS,
+):
+    """Returns the weighted softmax cross-entropy of one-hot (or probability) labels, reduced.
+
+    TF2-native `tf.compat.v1.losses.softmax_cross_entropy`: `logits` and `onehot_labels` are
+    `[batch, num_classes]` (any leading shape works), `weights` a scalar or a tensor broadcastable to the
+    per-example losses (same rank, each dimension 1 or equal, e.g. `[batch]`).
+
+    Args:
+        onehot_labels: one-hot or probability labels, the shape of `logits`.
+        logits: float logits. float16/bfloat16 are computed in float32.
+        weights: coefficients of the per-example losses.
+        label_smoothing: in `[0, 1]`; labels become `onehot * (1 - ls) + ls / num_classes`.
+        scope: name scope of the operations.
+        loss_collection: accepted for signature compatibility and ignored: TF2 has no graph collections.
+        reduction: a `Reduction` key.
+
+    Returns:
+        The weighted loss: the shape of the per-example losses for `Reduction.NONE`, else a scalar. Its
+        dtype is float32 for half-precision logits and the logits' dtype otherwise (TF1 reduced in
+        float32 and cast back; here float64 stays float64 throughout).
+
+    Raises:
+        ValueError: `onehot_labels`, `logits` or `weights` is None, the shapes of `logits` and
+            `onehot_labels` differ, `weights` is not broadcastable to the losses, `label_smoothing` is
+            outside `[0, 1]`, or `reduction` is not a `Reduction` key.
+    """
+    del loss_collection
+    if onehot_labels is None:
+        raise ValueError("Argument `onehot_labels` must not be None.")
+    if logits is None:
+        raise ValueError("Argument `logits` must not be None.")
+    _checks.check_label_smoothing(label_smoothing)
+    Reduction.validate(reduction)
+    with tf.name_scope(scope or "softmax_cross_entropy_loss"):
+        logits = tf.convert_to_tensor(logits, name="logits")
+        _checks.check_floating(logits, "logits")
+        onehot_labels = tf.convert_to_tensor(onehot_labels, name="onehot_labels")
+        if not logits.shape.is_compatible_with(onehot_labels.shape):
+            raise ValueError(
+                "`logits` and `onehot_labels` must have the same shape. "
+                f"Received: logits.shape={logits.shape} and onehot_labels.shape={onehot_labels.shape}")
+        if onehot_labels.shape.rank is not None:
+            for axis in range(onehot_labels.shape.rank):
+                _checks.check_same_dim(logits, "logits", axis, onehot_labels, "onehot_labels", axis, f"{axis}th")
+        losses = _xent.dense_cross_entropy(logits, onehot_labels, label_smoothing)
+        return compute_weighted_loss(losses, weights, reduction=reduction)
+
+
+def sparse_softmax_cross_entropy(
+    labels,
+    logits,
+    weights=1.0,
+    scope: Optional[str] = None,
+    loss_collection: Optional[str] = "losses",
+    reduction: str = Reduction.SUM_BY_NONZERO_WEIGHTS,
+):
+    """Returns the weighted softmax cross-entropy of integer class ids, reduced.
+
+    TF2-native `tf.compat.v1.losses.sparse_softmax_cross_entropy`: `labels` is `[d_0, ..., d_{r-1}]`
+    integer ids, `logits` is `[d_0, ..., d_{r-1}, num_classes]`; a trailing labels dimension of size 1
+    (`[batch, 1]` ids for `[batch, classes]` logits) is squeezed as TF1 did. `weights` is a scalar or
+    broadcastable to `labels`.
+
+    An id outside `[0, num_classes)` with a non-zero weight makes its loss NaN (TF1 raised on CPU and
+    returned NaN on GPU); with a zero weight it is ignored.
+
+    Args:
+        labels: int32 or int64 class ids.
+        logits: float logits. float16/bfloat16 are computed in float32.
+        weights: coefficients of the per-example losses.
+        scope: name scope of the operations.
+        loss_collection: accepted for signature compatibility and ignored: TF2 has no graph collections.
+        reduction: a `Reduction` key.
+
+    Returns:
+        As `softmax_cross_entropy`.
+
+    Raises:
+        ValueError: `labels`, `logits` or `weights` is None, their shapes are incompatible, or `reduction`
+            is not a `Reduction` key.
+        TypeError: non-integer `labels` or non-float `logits`.
+    """
+    del loss_collection
+    if labels is None:
+        raise ValueError("Argument `labels` must not be None.")
+    if logits is None:
+        raise ValueError("Argument `logits` must not be None.")
+    Reduction.validate(reduction)
+    with tf.name_scope(scope or "sparse_softmax_cross_entropy_loss"):
+        logits = tf.convert_to_tensor(logits, name="logits")
+        labels = tf.convert_to_tensor(labels, name="labels")
+        _checks.check_floating(logits, "logits")
+        labels = _checks.check_class_ids(labels, "labels")
+        logits_rank = _checks.check_rank(logits, "logits", tuple(range(1, 9)), "[..., num_classes]")
+        labels_rank = _checks.check_rank(labels, "labels", tuple(range(0, 9)), "[...] class ids")
+        if labels_rank == logits_rank and labels.shape[-1] == 1:
+            labels = tf.squeeze(labels, axis=-1)
+            labels_rank -= 1
+        if labels_rank != logits_rank - 1:
+            raise ValueError(
+                "`labels` must have one dimension fewer than `logits` ([..., num_classes]). "
+                f"Received: labels.shape={labels.shape} and logits.shape={logits.shape}")
+        for axis in range(labels_rank):
+            _checks.check_same_dim(logits, "logits", axis, labels, "labels", axis, f"{axis}th")
+        weights = _squeeze_trailing_unit(weights, logits_rank)
+        losses, valid = _xent.sparse_cross_entropy(logits, labels)
+        return compute_weighted_loss(losses, weights, reduction=reduction, valid=valid)
+
+
+def compute_weighted_loss(losses, weights=1.0, scope: Optional[str] = None,
+                          loss_collection: Optional[str] = "losses",
+                          reduction: str = Reduction.SUM_BY_NONZERO_WEIGHTS, *, valid=None):
+    """Returns `losses * weights` reduced by `reduction`, as `tf.compat.v1.losses.compute_weighted_loss`.
+
+    `valid` (keyword-only) marks the losses whose class id was in range; where it is False and the weight
+    is non-zero the weighted loss becomes NaN.
+    """
+    del loss_collection
+    if weights is None:
+        raise ValueError("Argument `weights` must not be None: pass 1.0 for unweighted losses.")
+    Reduction.validate(reduction)
+    with tf.name_scope(scope or "weighted_loss"):
+        losses = tf.convert_to_tensor(losses)
+        weights = tf.cast(tf.convert_to_tensor(weights), losses.dtype)
+        _check_broadcastable(weights, losses)
+        weights = tf.broadcast_to(weights, tf.shape(losses))
+        weighted = losses * weights
+        if valid is not None:
+            weighted = _xent.mask_invalid_ids(weighted, valid, weights)
+        if reduction == Reduction.NONE:
+            return weighted
+        total = tf.reduce_sum(weighted)
+        if reduction == Reduction.SUM:
+            return total
+        if reduction == Reduction.MEAN:
+            normaliser = tf.reduce_sum(weights)
+        elif reduction == Reduction.SUM_OVER_BATCH_SIZE:
+            normaliser = tf.cast(tf.size(losses), losses.dtype)
+        else:
+            normaliser = tf.math.count_nonzero(weights, dtype=losses.dtype)
+        return tf.math.divide_no_nan(total, normaliser)
+
+
+def _squeeze_trailing_unit(weights, logits_rank):
+    """Squeezes `[..., 1]` weights given with the rank of the logits, as TF1 did."""
+    if weights is None:
+        raise ValueError("Argument `weights` must not be None: pass 1.0 for unweighted losses.")
+    weights = tf.convert_to_tensor(weights)
+    if weights.shape.rank == logits_rank and weights.shape[-1] == 1:
+        return tf.squeeze(weights, axis=-1)
+    return weights
+
+
+def _check_broadcastable(weights, losses):
+    """TF1's rule: scalar weights, or the rank of the losses with each dimension 1 or equal."""
+    if weights.shape.rank == 0:
+        return
+    if weights.shape.rank is not None and losses.shape.rank is not None:
+        if weights.shape.rank != losses.shape.rank:
+            raise ValueError(
+                "`weights` must be a scalar or have the rank of the per-example losses, with each "
+                f"dimension 1 or equal. Received: weights.shape={weights.shape} and losses.shape={losses.shape}")
+        for axis, (w, n) in enumerate(zip(weights.shape, losses.shape)):
+            if w is not None and n is not None and w not in (1, n):
+                raise ValueError(
+                    "`weights` must be broadcastable to the per-example losses: each dimension 1 or equal. "
+                    f"Received: weights.shape={weights.shape} and losses.shape={losses.shape} (axis {axis})")
