@@ -93,3 +93,10 @@ def check_label_smoothing(label_smoothing) -> None:
 def is_zero(value) -> bool:
     """True for a Python number equal to 0 (a tensor is never treated as a static zero)."""
     return isinstance(value, (int, float)) and value == 0
+
+
+def cast_number(value, dtype: tf.DType) -> tf.Tensor:
+    """Returns `value` as a `dtype` tensor; a Python float is converted directly, not through float32."""
+    if isinstance(value, (int, float)):
+        return tf.constant(value, dtype)
+    return tf.cast(value, dtype)

@@ -44,7 +44,7 @@ def sparse_cross_entropy(logits: tf.Tensor, labels: tf.Tensor, label_smoothing=0
     safe_labels = tf.where(valid, labels, tf.zeros_like(labels))
     loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_labels, logits=logits)
     if not _checks.is_zero(label_smoothing):
-        ls = tf.cast(label_smoothing, logits.dtype)
+        ls = _checks.cast_number(label_smoothing, logits.dtype)
         target_logit = tf.gather(logits, safe_labels[..., None], batch_dims=logits.shape.rank - 1)[..., 0]
         loss += ls * (target_logit - tf.reduce_mean(logits, axis=-1))
     return loss, valid
@@ -56,7 +56,7 @@ def dense_cross_entropy(logits: tf.Tensor, labels: tf.Tensor, label_smoothing=0.
     logits = tf.cast(logits, dtype)
     labels = tf.cast(labels, dtype)
     if not _checks.is_zero(label_smoothing):
-        ls = tf.cast(label_smoothing, dtype)
+        ls = _checks.cast_number(label_smoothing, dtype)
         num_classes = tf.cast(tf.shape(labels)[-1], dtype)
         labels = labels * (1.0 - ls) + ls / num_classes
     return tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)

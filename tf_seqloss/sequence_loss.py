@@ -245,4 +245,4 @@ def _reduce(weighted, token_weights, average_across_timesteps, average_across_ba
         normaliser = tf.math.count_nonzero(token_weights, axis=axes, dtype=weighted.dtype)
     if epsilon is None:
         return tf.math.divide_no_nan(total, normaliser)
-    return total / (normaliser + tf.cast(epsilon, normaliser.dtype))
+    return total / (normaliser + _checks.cast_number(epsilon, normaliser.dtype))
