@@ -4,6 +4,7 @@ The maintained replacement for `tf.contrib.seq2seq.sequence_loss` and `tfa.seq2s
 the TF1 `tf.losses.softmax_cross_entropy` family for migrating code.
 """
 
+from tf_seqloss.keras_loss import SequenceLoss
 from tf_seqloss.sequence_loss import sequence_loss
 from tf_seqloss.tf1_losses import (
     Reduction,
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Reduction",
+    "SequenceLoss",
     "compute_weighted_loss",
     "sequence_loss",
     "softmax_cross_entropy",
