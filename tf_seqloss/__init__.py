@@ -5,6 +5,7 @@ the TF1 `tf.losses.softmax_cross_entropy` family for migrating code.
 """
 
 from tf_seqloss.keras_loss import SequenceLoss
+from tf_seqloss.layers import SequenceLossLayer, SequenceMask
 from tf_seqloss.sequence_loss import sequence_loss
 from tf_seqloss.tf1_losses import (
     Reduction,
@@ -18,6 +19,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Reduction",
     "SequenceLoss",
+    "SequenceLossLayer",
+    "SequenceMask",
     "compute_weighted_loss",
     "sequence_loss",
     "softmax_cross_entropy",
