@@ -1,7 +1,8 @@
 """Per-token softmax cross-entropy: the unreduced loss every public function in the package reduces.
 
-The reference formulation is `tf.nn.sparse_softmax_cross_entropy_with_logits` (class ids) and
-`tf.nn.softmax_cross_entropy_with_logits` (probabilities), computed in float32 for half-precision logits.
+The reference formulation is `tf.nn.sparse_softmax_cross_entropy_with_logits` (class ids; float64 uses
+`logsumexp - target logit`, see below) and `tf.nn.softmax_cross_entropy_with_logits` (probabilities),
+computed in float32 for half-precision logits.
 """
 
 from __future__ import annotations
@@ -42,10 +43,17 @@ def sparse_cross_entropy(logits: tf.Tensor, labels: tf.Tensor, label_smoothing=0
     # The CPU kernel raises on an out-of-range id while GPU and XLA kernels return NaN; feeding a safe
     # id makes all three agree, and `valid` keeps the information.
     safe_labels = tf.where(valid, labels, tf.zeros_like(labels))
-    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_labels, logits=logits)
-    if not _checks.is_zero(label_smoothing):
-        ls = _checks.cast_number(label_smoothing, logits.dtype)
+    smoothing = not _checks.is_zero(label_smoothing)
+    if smoothing or logits.dtype == tf.float64:
         target_logit = tf.gather(logits, safe_labels[..., None], batch_dims=logits.shape.rank - 1)[..., 0]
+    if logits.dtype == tf.float64:
+        # TensorFlow registers no float64 GPU kernel for SparseSoftmaxCrossEntropyWithLogits, so float64
+        # takes the equal `logsumexp - target logit`, whose ops all have one.
+        loss = tf.reduce_logsumexp(logits, axis=-1) - target_logit
+    else:
+        loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_labels, logits=logits)
+    if smoothing:
+        ls = _checks.cast_number(label_smoothing, logits.dtype)
         loss += ls * (target_logit - tf.reduce_mean(logits, axis=-1))
     return loss, valid
 
