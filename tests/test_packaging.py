@@ -1,0 +1,20 @@
+"""The public surface, and no dependency on TensorFlow Addons (which cannot import on TF >= 2.16)."""
+
+import subprocess
+import sys
+
+import tf_seqloss
+
+
+def test_public_surface_is_all_and_importable():
+    for name in tf_seqloss.__all__:
+        assert getattr(tf_seqloss, name) is not None, name
+    assert {"sequence_loss", "SequenceLoss", "softmax_cross_entropy", "sparse_softmax_cross_entropy",
+            "Reduction"} <= set(tf_seqloss.__all__)
+
+
+def test_importing_the_package_never_imports_tensorflow_addons():
+    code = ("import sys, tf_seqloss, tf_seqloss.keras_loss, tf_seqloss.layers; "
+            "print([m for m in sys.modules if m.startswith('tensorflow_addons')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
