@@ -279,7 +279,7 @@ def _merge_weights(sample_weight, mask, targets, dtype):
                 "`sample_weight` must be a scalar, `[batch]` (one weight per sequence), `[batch, time]` or "
                 f"`[batch, time, 1]`. Received: sample_weight.shape={weights.shape}"
             )
-        if weights.shape.rank != 2:
+        if rank in (0, 1):
             weights = tf.broadcast_to(weights, tf.shape(targets)[:2])
     if mask is not None:
         mask = tf.cast(mask, dtype)
