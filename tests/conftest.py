@@ -4,6 +4,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from hypothesis import settings
+
+# No example database in the work tree: the suite runs twice at once (Keras 3 and tf_keras).
+settings.register_profile("tf_seqloss", database=None)
+settings.load_profile("tf_seqloss")
 
 ORACLE_DIR = Path(os.environ.get("TF_SEQLOSS_ORACLE", Path(__file__).resolve().parents[2] / "shared" / "oracle"))
 
