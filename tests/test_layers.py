@@ -188,6 +188,8 @@ def test_models_with_both_layers_round_trip_through_a_keras_file():
 
 
 def test_loss_layer_refuses_bad_arguments_like_the_loss():
+    with pytest.raises(ValueError, match="`reduction`"):
+        tf_seqloss.SequenceLossLayer(reduction="none")
     with pytest.raises(ValueError, match="`average_across_batch` and `sum_over_timesteps`"):
         tf_seqloss.SequenceLossLayer(average_across_batch=True, sum_over_timesteps=True)
     with pytest.raises(TypeError, match="`lengths`"):

@@ -184,9 +184,7 @@ class SequenceLoss(keras.losses.Loss):
         # `sum_over_*` and single-axis flags need the weights inside the reduction). This keeps its
         # contract (same signature, masks, `reduction`, replica scaling) but hands the weights to
         # `sequence_loss`.
-        with tf.name_scope(self._scope_name()):
-            loss = self._weighted_loss(y_true, y_pred, sample_weight)
-            return self._keras_reduce(loss)
+        return self._reduced_loss(y_true, y_pred, sample_weight, scale_for_replicas=True)
 
     def call(self, y_true, y_pred):
         """Returns `sequence_loss` with the flags, weighted by `y_pred`'s Keras mask and `padding_id` only."""
@@ -239,9 +237,17 @@ class SequenceLoss(keras.losses.Loss):
             epsilon=self.epsilon, implementation=self.implementation,
         )
 
-    def _keras_reduce(self, loss):
-        if loss.shape.rank and self.reduction not in _NO_REDUCTIONS:
-            loss = tf.reduce_sum(loss) if self.reduction == "sum" else tf.reduce_mean(loss)
+    def _reduced_loss(self, y_true, y_pred, sample_weight, scale_for_replicas):
+        """Returns the loss reduced by `reduction`; `scale_for_replicas=False` for `add_loss`, which Keras scales."""
+        with tf.name_scope(self._scope_name()):
+            loss = self._weighted_loss(y_true, y_pred, sample_weight)
+            if loss.shape.rank and self.reduction not in _NO_REDUCTIONS:
+                loss = tf.reduce_sum(loss) if self.reduction == "sum" else tf.reduce_mean(loss)
+            if scale_for_replicas:
+                loss = self._scale_for_replicas(loss)
+            return loss
+
+    def _scale_for_replicas(self, loss):
         if IS_KERAS_3 and self.reduction in _MEAN_REDUCTIONS:
             # Keras 3 sums the replicas' gradients and expects each replica's loss divided by their
             # number (its `fit` multiplies back for the logged loss); tf_keras' `compile` divides itself.

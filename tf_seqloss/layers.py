@@ -93,7 +93,8 @@ class SequenceLossLayer(keras.layers.Layer):
     Args:
         average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
         softmax_loss_function, padding_id, label_smoothing, epsilon, implementation, reduction: as in
-            `tf_seqloss.SequenceLoss` (same defaults).
+            `tf_seqloss.SequenceLoss` (same defaults), except that `reduction` must give a scalar
+            (`"sum_over_batch_size"` or `"sum"`).
         **kwargs: passed to `keras.layers.Layer` (`name`, ...). Inputs are not autocast under mixed
             precision (`autocast=False`): the loss is computed in float32 from the logits as they come.
 
@@ -131,6 +132,11 @@ class SequenceLossLayer(keras.layers.Layer):
         reduction="sum_over_batch_size",
         **kwargs,
     ):
+        if reduction in (None, "none"):
+            raise ValueError(
+                "`reduction` of `SequenceLossLayer` must reduce to a scalar for `add_loss`: "
+                f"'sum_over_batch_size' or 'sum'. Received: reduction={reduction!r}"
+            )
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.supports_masking = True
@@ -168,7 +174,8 @@ class SequenceLossLayer(keras.layers.Layer):
         if mask is not None:
             mask = tf.cast(mask, tf.float32)
             sample_weight = mask if sample_weight is None else tf.cast(sample_weight, tf.float32) * mask
-        self.add_loss(self._loss(targets, logits, sample_weight))
+        # Both Kerases divide `add_loss` losses by the number of replicas themselves.
+        self.add_loss(self._loss._reduced_loss(targets, logits, sample_weight, scale_for_replicas=False))
         return logits
 
     def compute_output_shape(self, logits_shape, *args, **kwargs):
