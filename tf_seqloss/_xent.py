@@ -10,10 +10,11 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from tf_seqloss import _checks
+from tf_seqloss import _checks, _fused
 
-# Formulations of the sparse per-token loss, by the name `implementation=` takes.
-IMPLEMENTATIONS = ("auto", "reference")
+# Formulations of the sparse per-token loss, by the name `implementation=` takes. Every one gives the same
+# values and gradients to float tolerance; `benchmarks/README.md` has their speed and memory.
+IMPLEMENTATIONS = ("auto", "reference", "fused", "fused_xla")
 
 
 def check_implementation(implementation: str) -> None:
@@ -22,6 +23,31 @@ def check_implementation(implementation: str) -> None:
             f"Invalid value for argument `implementation`. Expected one of {IMPLEMENTATIONS}. "
             f"Received: implementation={implementation!r}"
         )
+
+
+# Outside XLA, `"auto"` compiles the fused kernels only for at least this many classes: below it the
+# reference kernel is about as fast, and each new input shape would cost an XLA compilation.
+MIN_CLASSES_FOR_KERNELS = 1024
+
+
+def choose_implementation(implementation: str, num_classes=None) -> str:
+    """Returns the formulation `implementation` stands for: `"auto"` resolved, any other name as is.
+
+    `"auto"` keeps the reference whenever the machine has an accelerator (GPU, TPU): the fused
+    formulation was measured on CPU only, and CPU figures never make a path the default on GPU. On a
+    CPU-only machine it takes `"fused"` inside an XLA compilation, where XLA fuses its ops; elsewhere
+    `"fused_xla"` when the static number of classes is at least `MIN_CLASSES_FOR_KERNELS`, and the
+    reference otherwise (see benchmarks/README.md for the figures behind these choices).
+    """
+    if implementation != "auto":
+        return implementation
+    if any(device.device_type != "CPU" for device in tf.config.list_physical_devices()):
+        return "reference"
+    if _fused.in_xla_compilation():
+        return "fused"
+    if num_classes is not None and num_classes >= MIN_CLASSES_FOR_KERNELS:
+        return "fused_xla"
+    return "reference"
 
 
 def sparse_cross_entropy(logits: tf.Tensor, labels: tf.Tensor, label_smoothing=0.0,
@@ -36,13 +62,24 @@ def sparse_cross_entropy(logits: tf.Tensor, labels: tf.Tensor, label_smoothing=0
     loss is written as `ce + ls * (logits[label] - mean(logits))`, which equals
     `(1 - ls) * ce + ls * (logsumexp(logits) - mean(logits))` because `logsumexp - ce = logits[label]`,
     so no one-hot matrix is ever built.
+
+    `implementation` is one of `IMPLEMENTATIONS`: `"reference"` is the TensorFlow kernel, `"fused"` and
+    `"fused_xla"` the formulation of `_fused` (as plain ops, or as XLA kernels outside XLA), `"auto"` what
+    `choose_implementation` picks.
     """
-    logits = tf.cast(logits, _checks.compute_dtype(logits.dtype))
     num_classes = tf.cast(tf.shape(logits)[-1], labels.dtype)
     valid = tf.logical_and(labels >= 0, labels < num_classes)
     # The CPU kernel raises on an out-of-range id while GPU and XLA kernels return NaN; feeding a safe
     # id makes all three agree, and `valid` keeps the information.
     safe_labels = tf.where(valid, labels, tf.zeros_like(labels))
+    chosen = choose_implementation(implementation, logits.shape[-1])
+    if chosen != "reference":
+        # The fused formulation takes half-precision logits as they are, so that its gradient is
+        # computed in float32 and cast back in the same kernel.
+        loss = _fused.sparse_softmax_cross_entropy(logits, safe_labels, label_smoothing,
+                                                   compiled=chosen == "fused_xla")
+        return loss, valid
+    logits = tf.cast(logits, _checks.compute_dtype(logits.dtype))
     smoothing = not _checks.is_zero(label_smoothing)
     if smoothing or logits.dtype == tf.float64:
         target_logit = tf.gather(logits, safe_labels[..., None], batch_dims=logits.shape.rank - 1)[..., 0]

@@ -1,0 +1,233 @@
+"""The fused formulations against the reference (`tf.nn.sparse_softmax_cross_entropy_with_logits`).
+
+Every fast path must give the reference's values and gradients to float tolerance, in every dtype, for
+int32 and int64 ids, with and without label smoothing, with out-of-range ids, eagerly, in a `tf.function`
+with `None` sizes and under XLA. The NumPy float64 reference and a numerical gradient check the
+formulation on its own as well. Speed and memory are measured by `benchmarks/run.py`, not here.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_seqloss
+from tests import reference
+from tf_seqloss import _fused, _xent
+
+FAST = ("fused", "fused_xla")
+DTYPES = (tf.float32, tf.float64, tf.float16, tf.bfloat16)
+# Loss tolerances are those of float32 arithmetic for half logits (both paths compute in float32);
+# gradients are compared in the logits' dtype, so a half-precision rounding step may differ.
+LOSS_TOL = {tf.float64: 1e-12, tf.float32: 2e-6, tf.float16: 2e-6, tf.bfloat16: 2e-6}
+GRAD_TOL = {tf.float64: 1e-12, tf.float32: 1e-6, tf.float16: 1e-3, tf.bfloat16: 8e-3}
+
+
+def _param_id(value):
+    return getattr(value, "name", str(value))
+
+
+def _inputs(shape, dtype=tf.float32, id_dtype=tf.int32, seed=0, out_of_range=False, scale=3.0):
+    rng = np.random.default_rng(seed)
+    classes = shape[-1]
+    logits = tf.cast(rng.normal(size=shape) * scale, dtype)
+    ids = rng.integers(0, classes, size=shape[:-1])
+    if out_of_range:
+        flat = ids.reshape(-1)
+        flat[::3] = rng.choice([-1, -100, classes, classes + 7], size=flat[::3].shape)
+    return logits, tf.constant(ids, id_dtype)
+
+
+def _loss_and_grad(logits, ids, implementation, label_smoothing=0.0):
+    """Per-position loss, validity, and the gradient of a weighted sum of the losses."""
+    with tf.GradientTape() as tape:
+        tape.watch(logits)
+        loss, valid = _xent.sparse_cross_entropy(logits, ids, label_smoothing, implementation=implementation)
+        # Uneven upstream gradients, so that a gradient that ignored them would be caught.
+        upstream = tf.cast(tf.range(1, tf.size(loss) + 1), loss.dtype) / tf.cast(tf.size(loss), loss.dtype)
+        total = tf.reduce_sum(loss * tf.reshape(upstream, tf.shape(loss)))
+    return loss, valid, tape.gradient(total, logits)
+
+
+def _assert_same(fast, ref, dtype):
+    (loss, valid, grad), (ref_loss, ref_valid, ref_grad) = fast, ref
+    assert loss.dtype == ref_loss.dtype and grad.dtype == ref_grad.dtype
+    np.testing.assert_array_equal(valid, ref_valid)
+    assert np.all(np.isfinite(loss.numpy())) and np.all(np.isfinite(tf.cast(grad, tf.float64).numpy()))
+    tol = LOSS_TOL[dtype]
+    np.testing.assert_allclose(loss, ref_loss, rtol=tol, atol=tol)
+    tol = GRAD_TOL[dtype]
+    np.testing.assert_allclose(tf.cast(grad, tf.float64), tf.cast(ref_grad, tf.float64), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("implementation", FAST)
+@pytest.mark.parametrize("dtype,id_dtype", [(tf.float32, tf.int32), (tf.float64, tf.int64),
+                                            (tf.float16, tf.int64), (tf.bfloat16, tf.int32)],
+                         ids=_param_id)
+@pytest.mark.parametrize("label_smoothing", (0.0, 0.2))
+def test_equals_reference_eagerly(implementation, dtype, id_dtype, label_smoothing):
+    logits, ids = _inputs((3, 4, 11), dtype, id_dtype)
+    fast = _loss_and_grad(logits, ids, implementation, label_smoothing)
+    ref = _loss_and_grad(logits, ids, "reference", label_smoothing)
+    _assert_same(fast, ref, dtype)
+    assert fast[0].dtype == (tf.float32 if dtype in (tf.float16, tf.bfloat16) else dtype)
+    assert fast[2].dtype == dtype
+
+
+@pytest.mark.parametrize("implementation", FAST)
+def test_out_of_range_ids_are_flagged_and_stay_finite(implementation, label_smoothing=0.3):
+    logits, ids = _inputs((4, 6, 9), out_of_range=True)
+    fast = _loss_and_grad(logits, ids, implementation, label_smoothing)
+    ref = _loss_and_grad(logits, ids, "reference", label_smoothing)
+    assert not np.all(fast[1].numpy()) and np.any(fast[1].numpy())
+    _assert_same(fast, ref, tf.float32)
+
+
+@pytest.mark.parametrize("implementation", FAST)
+@pytest.mark.parametrize("dtype,label_smoothing", [(tf.float32, 0.1), (tf.float16, 0.0)], ids=_param_id)
+def test_equals_reference_in_a_function_with_unknown_sizes(implementation, dtype, label_smoothing):
+    signature = (tf.TensorSpec([None, None, None], dtype), tf.TensorSpec([None, None], tf.int64))
+
+    def run(impl):
+        return tf.function(lambda logits, ids: _loss_and_grad(logits, ids, impl, label_smoothing),
+                           input_signature=signature)
+
+    fast, ref = run(implementation), run("reference")
+    for shape in [(2, 3, 7), (3, 5, 13)]:
+        logits, ids = _inputs(shape, dtype, tf.int64, seed=shape[1], out_of_range=True)
+        _assert_same(fast(logits, ids), ref(logits, ids), dtype)
+
+
+# Under XLA every fast choice (and "auto" on CPU) is the same traced formulation, so one dtype each.
+@pytest.mark.parametrize("implementation,dtype,label_smoothing", [
+    ("fused", tf.float32, 0.25), ("fused_xla", tf.float32, 0.0), ("auto", tf.float32, 0.25),
+    ("fused", tf.bfloat16, 0.0), ("fused", tf.float64, 0.1)], ids=_param_id)
+def test_equals_reference_under_xla(implementation, dtype, label_smoothing):
+    def run(impl):
+        return tf.function(lambda logits, ids: _loss_and_grad(logits, ids, impl, label_smoothing),
+                           jit_compile=True)
+
+    logits, ids = _inputs((3, 5, 17), dtype, out_of_range=True)
+    _assert_same(run(implementation)(logits, ids), run("reference")(logits, ids), dtype)
+
+
+@pytest.mark.parametrize("implementation", FAST)
+def test_equals_numpy_float64_for_any_leading_rank(implementation):
+    # [batch, time, beam, classes]: the formulation flattens every leading axis.
+    logits, ids = _inputs((2, 3, 2, 6), tf.float64, scale=10.0)
+    label_smoothing = 0.15
+    loss, valid, grad = _loss_and_grad(logits, ids, implementation, label_smoothing)
+    expected = reference.token_cross_entropy(logits.numpy(), ids.numpy(), label_smoothing)
+    np.testing.assert_allclose(loss, expected, rtol=1e-12, atol=1e-12)
+    probs = np.exp(reference.log_softmax(logits.numpy()))
+    target = np.eye(6)[ids.numpy()] * (1 - label_smoothing) + label_smoothing / 6
+    upstream = (np.arange(1, loss.numpy().size + 1) / loss.numpy().size).reshape(loss.shape)
+    np.testing.assert_allclose(grad, (probs - target) * upstream[..., None], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("implementation", FAST)
+@pytest.mark.parametrize("label_smoothing", (0.0, 0.2))
+def test_gradient_matches_finite_differences(implementation, label_smoothing):
+    logits, ids = _inputs((2, 3, 5), tf.float64, scale=1.0)
+
+    def loss(logits):
+        token_loss, _ = _xent.sparse_cross_entropy(logits, ids, label_smoothing, implementation=implementation)
+        return token_loss
+
+    theoretical, numerical = tf.test.compute_gradient(loss, [logits])
+    np.testing.assert_allclose(theoretical[0], numerical[0], rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("implementation", FAST)
+def test_label_smoothing_may_be_a_tensor(implementation):
+    logits, ids = _inputs((2, 4, 8))
+    smoothing = tf.constant(0.3)
+    _assert_same(_loss_and_grad(logits, ids, implementation, smoothing),
+                 _loss_and_grad(logits, ids, "reference", 0.3), tf.float32)
+
+
+@pytest.mark.parametrize("implementation", FAST)
+def test_large_logits_neither_overflow_nor_lose_the_gradient(implementation):
+    # exp(logits) overflows float32 past 88 and float16 logits reach 65504: both paths subtract the max.
+    logits = tf.constant([[[60000.0, 0.0, -60000.0], [1e4, 1e4 + 1.0, 1e4 - 1.0]]], tf.float16)
+    ids = tf.constant([[2, 1]])
+    _assert_same(_loss_and_grad(logits, ids, implementation), _loss_and_grad(logits, ids, "reference"),
+                 tf.float16)
+
+
+@pytest.mark.parametrize("implementation", FAST)
+def test_sequence_loss_keeps_its_semantics_on_the_fast_paths(implementation):
+    # Invalid ids where the weight is zero are ignored; where it is not, the loss is NaN.
+    logits, _ = _inputs((2, 4, 6))
+    ids = tf.constant([[1, 2, 6, -1], [0, 5, 3, -100]])
+
+    def run(impl, **kwargs):
+        with tf.GradientTape() as tape:
+            tape.watch(logits)
+            loss = tf_seqloss.sequence_loss(logits, ids, implementation=impl, label_smoothing=0.1, **kwargs)
+        return loss, tape.gradient(loss, logits)
+
+    for kwargs in (dict(lengths=[2, 2]), dict(average_across_batch=False, lengths=[3, 2])):
+        (loss, grad), (ref_loss, ref_grad) = run(implementation, **kwargs), run("reference", **kwargs)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, atol=1e-7)  # NaN where the reference has NaN
+        np.testing.assert_allclose(grad, ref_grad, rtol=1e-6, atol=1e-7)
+    assert np.isnan(run(implementation, lengths=[3, 3])[0].numpy())
+
+
+def _while_tracing(fn, jit_compile):
+    """Returns what `fn()` returns while a `tf.function` is being traced."""
+    seen = []
+    tf.function(lambda: seen.append(fn()) or tf.constant(0), jit_compile=jit_compile)()
+    return seen[0]
+
+
+def test_auto_keeps_the_reference_when_an_accelerator_is_visible():
+    gpu = tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU")
+    cpu = tf.config.PhysicalDevice(name="/physical_device:CPU:0", device_type="CPU")
+    with mock.patch.object(tf.config, "list_physical_devices", return_value=[cpu, gpu]):
+        assert _xent.choose_implementation("auto", 32000) == "reference"
+        assert _while_tracing(lambda: _xent.choose_implementation("auto", 32000), jit_compile=True) == "reference"
+    with mock.patch.object(tf.config, "list_physical_devices", return_value=[cpu]):
+        assert _xent.choose_implementation("auto", 32000) == "fused_xla"
+        assert _while_tracing(lambda: _xent.choose_implementation("auto", 32000), jit_compile=False) == "fused_xla"
+        assert _xent.choose_implementation("auto", _xent.MIN_CLASSES_FOR_KERNELS - 1) == "reference"
+        assert _xent.choose_implementation("auto", None) == "reference"
+        for classes in (100, 32000, None):
+            assert _while_tracing(lambda: _xent.choose_implementation("auto", classes), jit_compile=True) == "fused"
+    for name in ("reference", "fused", "fused_xla"):
+        assert _xent.choose_implementation(name, 32000) == name
+
+
+def test_xla_compilation_is_detected_only_inside_a_jit_compiled_function():
+    assert not _fused.in_xla_compilation()
+    assert not _while_tracing(_fused.in_xla_compilation, jit_compile=False)
+    assert _while_tracing(_fused.in_xla_compilation, jit_compile=True)
+
+
+def test_benchmark_harness_runs_end_to_end(tmp_path):
+    pytest.importorskip("matplotlib")
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "benchmarks" / "run.py"), "--shapes", "2x3x5,2x3x9",
+               "--modes", "eager,function", "--implementations", "auto", "--peers", "tf.nn,keras",
+               "--repeats", "2", "--warmup", "1", "--no-progress", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {(row["entry"], row["mode"]) for row in rows} == {
+        (entry, mode) for entry in ("tf_seqloss", "tf.nn", "keras")
+        for mode in ("eager", "function")}
+    for row in rows:
+        assert "error" not in row, row
+        # Every entry computes the same masked mean, checked against NumPy float64 by the harness.
+        assert row["loss_error"] < 1e-5 and row["grad_error"] < 1e-6
+        assert row["median_s"] > 0 and row["x_floor"] > 0 and row["x_best_peer"] > 0
+    table = (tmp_path / "results.md").read_text()
+    assert "| 2x3x9 | float32 | tf_seqloss | function |" in table

@@ -1,0 +1,147 @@
+"""The fused sparse softmax cross-entropy: `logsumexp(logits) - logits[label]` with a hand-written gradient.
+
+`tf.nn.sparse_softmax_cross_entropy_with_logits` computes the whole gradient `softmax - one_hot` in its
+forward pass and multiplies it by the incoming gradient in its backward pass: on CPU that is one slow
+kernel plus a second full pass, and under XLA two logits-sized buffers alive at once. Here the forward
+pass keeps only what the backward pass cannot recompute cheaply, and the backward pass writes the
+gradient once, `softmax * g - one_hot * g`, subtracting the one-hot part as a scatter of one value per
+row instead of building a one-hot matrix.
+
+Two ways to run the same formulation:
+
+- `compiled=False`: plain TensorFlow ops. Under `jit_compile=True` XLA fuses them; the forward pass keeps
+  `exp(logits - max)` and the backward pass rescales it in place, so the whole step holds one
+  logits-sized buffer and computes one `exp` per logit. Outside XLA every op is its own kernel.
+- `compiled=True`: outside an XLA compilation, the forward and the backward pass are each compiled by
+  XLA into one kernel (`tf.function(jit_compile=True)`), so eager code and plain `tf.function`s get the
+  fused kernels too. The forward pass keeps nothing logits-sized, the backward pass recomputes the
+  softmax. XLA compiles each kernel once per input shape. Inside an XLA compilation it is
+  `compiled=False`.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tf_seqloss import _checks
+
+try:  # The same test `tf.TensorArray` and `tf.while_loop` use to see they are being compiled by XLA.
+    from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext as _graph_in_xla
+except ImportError:  # pragma: no cover - private API; without it the compiled kernels are used (inlined).
+    _graph_in_xla = None
+
+
+def in_xla_compilation() -> bool:
+    """True while tracing a function that XLA compiles (`jit_compile=True`, or a Keras model compiled so)."""
+    if tf.executing_eagerly() or _graph_in_xla is None:
+        return False
+    return bool(_graph_in_xla(tf.compat.v1.get_default_graph()))
+
+
+def sparse_softmax_cross_entropy(logits: tf.Tensor, labels: tf.Tensor, label_smoothing=0.0, *,
+                                 compiled: bool = True) -> tf.Tensor:
+    """Returns the `[...]` cross-entropy of `[..., classes]` logits against in-range `[...]` ids.
+
+    Equals `tf.nn.sparse_softmax_cross_entropy_with_logits` on the logits cast to the compute dtype, plus
+    `label_smoothing * (logits[label] - mean(logits))` (TF1 label smoothing, see `_xent`), in value and
+    gradient. The loss is in the compute dtype (float32 for float16 and bfloat16 logits); the gradient
+    has the logits' dtype. `labels` must lie in `[0, classes)`: the caller replaces invalid ids.
+    """
+    dtype = _checks.compute_dtype(logits.dtype)
+    num_classes = _checks.dim(logits, -1)
+    flat_logits = tf.reshape(logits, [-1, num_classes])
+    flat_labels = tf.reshape(labels, [-1])
+    smoothing = None if _checks.is_zero(label_smoothing) else _checks.cast_number(label_smoothing, dtype)
+    if compiled and not in_xla_compilation():
+        loss = _compiled_xent(flat_logits, flat_labels, smoothing)
+    else:
+        loss = _traced_xent(flat_logits, flat_labels, smoothing)
+    return tf.reshape(loss, tf.shape(labels))
+
+
+def _forward(logits, labels, smoothing):
+    """Returns `(loss, unnormalised_softmax, sum_exp, max)` of flat `[n, classes]` logits, in float32+.
+
+    Every logit enters as its distance to the row's maximum, as in TensorFlow's kernel, so that large
+    logits (float16 reaches 65504) lose no precision to `log(sum_exp) + max`.
+    """
+    logits = tf.cast(logits, _checks.compute_dtype(logits.dtype))
+    row_max = tf.reduce_max(logits, axis=-1)
+    unnormalised = tf.exp(logits - row_max[:, None])
+    sum_exp = tf.reduce_sum(unnormalised, axis=-1)
+    target_logit = tf.gather(logits, labels[:, None], batch_dims=1)[:, 0]
+    loss = tf.math.log(sum_exp) - (target_logit - row_max)
+    if smoothing is not None:
+        loss += smoothing * (target_logit - tf.reduce_mean(logits, axis=-1))
+    return loss, unnormalised, sum_exp, row_max
+
+
+def _gradient(softmax_times_g, labels, upstream, smoothing, dtype):
+    """Returns `g * (softmax - (1 - ls) * one_hot - ls / classes)` from `g * softmax`, in `dtype`.
+
+    The derivative of `ce + ls * (logits[label] - mean(logits))`; the one-hot part is a scatter of one
+    value per row, so no one-hot matrix is built.
+    """
+    at_label = upstream
+    if smoothing is not None:
+        num_classes = tf.cast(tf.shape(softmax_times_g)[-1], upstream.dtype)
+        softmax_times_g -= (upstream * smoothing / num_classes)[:, None]
+        at_label = upstream * (1.0 - smoothing)
+    rows = tf.range(tf.shape(labels, out_type=labels.dtype)[0], dtype=labels.dtype)
+    grad = tf.tensor_scatter_nd_sub(softmax_times_g, tf.stack([rows, labels], axis=1), at_label)
+    return tf.cast(grad, dtype)
+
+
+def _traced_xent(logits, labels, smoothing):
+    """The formulation as plain ops: the forward pass keeps `exp(logits - max)` for the backward pass."""
+
+    @tf.custom_gradient
+    def xent(logits, *smoothing_arg):
+        # The tape must not record the forward ops: their registered gradients are never used, and in
+        # eager mode recording them would keep every logits-sized intermediate alive.
+        loss, unnormalised, sum_exp, _ = _forward(tf.stop_gradient(logits), labels, smoothing)
+
+        def grad(upstream):
+            softmax_times_g = unnormalised * (upstream / sum_exp)[:, None]
+            return (_gradient(softmax_times_g, labels, upstream, smoothing, logits.dtype),
+                    *(None for _ in smoothing_arg))
+
+        return loss, grad
+
+    # `smoothing` is passed as an input so that the tape sees every tensor the function reads.
+    return xent(logits, *([] if smoothing is None else [smoothing]))
+
+
+def _compiled_forward(logits, labels, smoothing):
+    loss, unnormalised, sum_exp, row_max = _forward(logits, labels, smoothing)
+    del unnormalised
+    return loss, row_max, tf.math.log(sum_exp)
+
+
+def _compiled_backward(logits, labels, row_max, log_sum_exp, upstream, smoothing):
+    softmax = tf.exp(tf.cast(logits, upstream.dtype) - row_max[:, None] - log_sum_exp[:, None])
+    return _gradient(softmax * upstream[:, None], labels, upstream, smoothing, logits.dtype)
+
+
+# One XLA kernel each; `reduce_retracing` makes the second input shape trace a shape-generic function,
+# which XLA then compiles once per concrete shape.
+_forward_kernel = tf.function(_compiled_forward, jit_compile=True, reduce_retracing=True)
+_backward_kernel = tf.function(_compiled_backward, jit_compile=True, reduce_retracing=True)
+
+
+def _compiled_xent(logits, labels, smoothing):
+    """The formulation as two XLA kernels: the forward pass keeps only two `[n]` vectors."""
+
+    @tf.custom_gradient
+    def xent(logits, *smoothing_arg):
+        # `stop_gradient`: in eager mode the tape would otherwise record the kernel call and keep its
+        # logits-sized intermediates for a gradient that is never taken.
+        loss, row_max, log_sum_exp = _forward_kernel(tf.stop_gradient(logits), labels, smoothing)
+
+        def grad(upstream):
+            return (_backward_kernel(logits, labels, row_max, log_sum_exp, upstream, smoothing),
+                    *(None for _ in smoothing_arg))
+
+        return loss, grad
+
+    return xent(logits, *([] if smoothing is None else [smoothing]))
