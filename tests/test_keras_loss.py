@@ -4,6 +4,7 @@ Inside `compile`/`fit` the reference is `tf_seqloss.sequence_loss` (a different 
 class under test) on the model's own logits, or the NumPy float64 reference.
 """
 
+import doctest
 import os
 import tempfile
 
@@ -14,6 +15,7 @@ import tensorflow as tf
 import tf_seqloss
 from tests import reference
 from tests.conftest import FLAG_NAMES, LEGAL_FLAGS, oracle_cases
+from tf_seqloss import keras_loss, layers
 from tf_seqloss.keras_loss import IS_KERAS_3, keras
 
 VOCAB, TIME = 9, 7
@@ -162,6 +164,20 @@ def test_dtype_sets_the_compute_and_output_dtype():
 def test_bad_arguments_are_refused_when_built(kwargs, error, match):
     with pytest.raises(error, match=match):
         tf_seqloss.SequenceLoss(**kwargs)
+
+
+def test_call_gives_the_flags_output_weighted_by_padding_only():
+    logits, targets, _ = _random_case(seed=9)
+    loss = tf_seqloss.SequenceLoss(average_across_batch=False, padding_id=0)
+    expected = reference.sequence_loss(logits, targets, (targets != 0).astype(np.float64),
+                                       average_across_batch=False)
+    np.testing.assert_allclose(loss.call(targets, logits).numpy(), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("module", [keras_loss, layers], ids=lambda module: module.__name__)
+def test_docstring_examples_run(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
 
 
 def test_bad_sample_weight_rank_names_the_argument():
