@@ -141,14 +141,14 @@ class SequenceLossLayer(keras.layers.Layer):
         super().__init__(**kwargs)
         self.supports_masking = True
         # The loss object checks every argument and resolves the averaging flags' `None` default.
-        self._loss = SequenceLoss(
+        self._sequence_loss = SequenceLoss(
             average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
             softmax_loss_function, padding_id=padding_id, label_smoothing=label_smoothing,
             epsilon=epsilon, implementation=implementation, reduction=reduction,
             name=self.name + "_loss",
         )
-        self.average_across_timesteps = self._loss.average_across_timesteps
-        self.average_across_batch = self._loss.average_across_batch
+        self.average_across_timesteps = self._sequence_loss.average_across_timesteps
+        self.average_across_batch = self._sequence_loss.average_across_batch
         self.sum_over_timesteps = sum_over_timesteps
         self.sum_over_batch = sum_over_batch
         self.softmax_loss_function = softmax_loss_function
@@ -175,7 +175,7 @@ class SequenceLossLayer(keras.layers.Layer):
             mask = tf.cast(mask, tf.float32)
             sample_weight = mask if sample_weight is None else tf.cast(sample_weight, tf.float32) * mask
         # Both Kerases divide `add_loss` losses by the number of replicas themselves.
-        self.add_loss(self._loss._reduced_loss(targets, logits, sample_weight, scale_for_replicas=False))
+        self.add_loss(self._sequence_loss._reduced_loss(targets, logits, sample_weight, scale_for_replicas=False))
         return logits
 
     def compute_output_shape(self, logits_shape, *args, **kwargs):
@@ -186,7 +186,7 @@ class SequenceLossLayer(keras.layers.Layer):
 
     def get_config(self) -> dict:
         config = super().get_config()
-        loss_config = self._loss.get_config()
+        loss_config = self._sequence_loss.get_config()
         for key in ("average_across_timesteps", "average_across_batch", "sum_over_timesteps", "sum_over_batch",
                     "softmax_loss_function", "padding_id", "label_smoothing", "epsilon", "implementation",
                     "reduction"):
