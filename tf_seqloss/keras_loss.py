@@ -89,8 +89,8 @@ class SequenceLoss(keras.losses.Loss):
             `sequence_loss` does. tf_keras' `Loss` has no `dtype`; this class accepts it there too.
 
     Returns:
-        A scalar loss (or the shape the flags and `reduction="none"` leave), float32 for float32 and
-        half-precision logits under the default `dtype`.
+        A scalar loss (or the shape the flags and `reduction="none"` leave) in `dtype`: float32 by
+        default, whatever the logits' dtype; float32 also for a half-precision `dtype`.
 
     Under `tf.distribute` each replica normalises by its own tokens and the replicas' losses are averaged,
     as Keras does for its built-in losses: Keras 3 divides by the number of replicas inside the loss (for
