@@ -45,7 +45,7 @@ class Config:
     """Every knob of a run; the command-line options have the same names (with dashes)."""
 
     route: str = "fit"
-    epochs: int = 10
+    epochs: int = 6
     batch_size: int = 64
     num_lstm_layers: int = 1
     num_lstm_units: int = 256
@@ -158,6 +158,33 @@ def load_task(config: Config):
     return train, validation, test, data.build_vocabulary(train)
 
 
+@dataclasses.dataclass
+class Run:
+    """A run ready to train: its examples, its model and optimizer restored to the last finished epoch."""
+
+    train_examples: List[data.Example]
+    validation_examples: List[data.Example]
+    test_examples: List[data.Example]
+    model: Seq2SeqModel
+    optimizer: object
+    state: _RunState
+    done: int
+
+
+def restore_run(config: Config) -> Run:
+    """Returns the run `config` describes, restored from its last checkpoint if it has one."""
+    train_examples, validation_examples, test_examples, vocabulary = load_task(config)
+    model = Seq2SeqModel.from_vocabulary(vocabulary, num_lstm_layers=config.num_lstm_layers,
+                                         num_lstm_units=config.num_lstm_units, embedding_dim=config.embedding_dim)
+    model.build()
+    optimizer = make_optimizer(config)
+    optimizer.build(model.trainable_variables)  # so that a checkpoint restores its slots at once
+    prepare_run_dir(config)
+    state = _RunState(config, model, optimizer)
+    done = state.restore()
+    return Run(train_examples, validation_examples, test_examples, model, optimizer, state, done)
+
+
 def train(config: Config, on_batch_end: Optional[Callable[[Seq2SeqModel, int, int], None]] = None,
           save: bool = True, log: Callable[[str], None] = print) -> Result:
     """Trains (or resumes) the run `config` describes, evaluates it on the test examples and saves it.
@@ -166,16 +193,9 @@ def train(config: Config, on_batch_end: Optional[Callable[[Seq2SeqModel, int, in
     indices); an exception raised from it interrupts the run as Ctrl-C would.
     """
     started = time.perf_counter()
-    train_examples, validation_examples, test_examples, vocabulary = load_task(config)
-    model = Seq2SeqModel.from_vocabulary(vocabulary, num_lstm_layers=config.num_lstm_layers,
-                                         num_lstm_units=config.num_lstm_units, embedding_dim=config.embedding_dim)
-    model.build()
-    optimizer = make_optimizer(config)
-    optimizer.build(model.trainable_variables)  # so that a checkpoint restores its slots at once
-
-    prepare_run_dir(config)
-    state = _RunState(config, model, optimizer)
-    done = state.restore()
+    run = restore_run(config)
+    train_examples, validation_examples, test_examples = run.train_examples, run.validation_examples, run.test_examples
+    model, optimizer, state, done = run.model, run.optimizer, run.state, run.done
     log(f"{len(train_examples)} training, {len(validation_examples)} validation and {len(test_examples)} test "
         f"examples; vocabulary of {model.vocab_size} ids; {model.count_params():,} parameters; route "
         f"`{config.route}`; " + (f"resuming after epoch {done} of {config.epochs}" if done else "from scratch"))
