@@ -162,6 +162,27 @@ def test_large_logits_neither_overflow_nor_lose_the_gradient(implementation):
 
 
 @pytest.mark.parametrize("implementation", FAST)
+@pytest.mark.parametrize("gap", [30.0, 85.0, 200.0])
+def test_rows_whose_maximum_far_exceeds_the_target_logit(implementation, gap):
+    # The fast paths shift each row by its target logit unless that overflows `exp` (float32: a gap
+    # above ~80), and then by its maximum; either way the result must be the reference's.
+    logits, ids = _inputs((2, 3, 40), scale=1.0)
+    logits = tf.tensor_scatter_nd_add(logits, [[0, 1, 7], [1, 2, 3]], [gap, gap])
+    for label_smoothing in (0.0, 0.1):
+        _assert_same(_loss_and_grad(logits, ids, implementation, label_smoothing),
+                     _loss_and_grad(logits, ids, "reference", label_smoothing), tf.float32)
+
+    def tiny_gradient(impl):
+        # A small upstream gradient must not underflow on the way (e.g. into `upstream / sum_exp`).
+        with tf.GradientTape() as tape:
+            tape.watch(logits)
+            total = tf.reduce_sum(_xent.sparse_cross_entropy(logits, ids, implementation=impl)[0]) * 1e-25
+        return tape.gradient(total, logits) * 1e25
+
+    np.testing.assert_allclose(tiny_gradient(implementation), tiny_gradient("reference"), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("implementation", FAST)
 def test_sequence_loss_keeps_its_semantics_on_the_fast_paths(implementation):
     # Invalid ids where the weight is zero are ignored; where it is not, the loss is NaN.
     logits, _ = _inputs((2, 4, 6))

@@ -1,22 +1,23 @@
 """The fused sparse softmax cross-entropy: `logsumexp(logits) - logits[label]` with a hand-written gradient.
 
 `tf.nn.sparse_softmax_cross_entropy_with_logits` computes the whole gradient `softmax - one_hot` in its
-forward pass and multiplies it by the incoming gradient in its backward pass: on CPU that is one slow
-kernel plus a second full pass, and under XLA two logits-sized buffers alive at once. Here the forward
-pass keeps only what the backward pass cannot recompute cheaply, and the backward pass writes the
-gradient once, `softmax * g - one_hot * g`, subtracting the one-hot part as a scatter of one value per
-row instead of building a one-hot matrix.
+forward pass and multiplies it by the incoming gradient in its backward pass: on CPU one slow kernel plus
+a second full pass, and under XLA two logits-sized buffers alive at once. Here the forward pass keeps only
+what the backward pass needs, and the backward pass writes the gradient once,
+`softmax * g - one_hot * g`, subtracting the one-hot part as a scatter of one value per row instead of
+building a one-hot matrix. The softmax is shifted by the target logit rather than the row maximum
+whenever that cannot overflow, which saves the pass that finds the maximum (see `_forward`).
 
 Two ways to run the same formulation:
 
-- `compiled=False`: plain TensorFlow ops. Under `jit_compile=True` XLA fuses them; the forward pass keeps
-  `exp(logits - max)` and the backward pass rescales it in place, so the whole step holds one
-  logits-sized buffer and computes one `exp` per logit. Outside XLA every op is its own kernel.
+- `compiled=False`: plain TensorFlow ops. Under `jit_compile=True` XLA fuses them: the forward pass keeps
+  `exp(logits - shift)` and the backward pass rescales it in place, so the whole step holds one
+  logits-sized buffer and computes one `exp` per logit. Outside XLA every op is its own kernel, and the
+  scatter copies the gradient once more.
 - `compiled=True`: outside an XLA compilation, the forward and the backward pass are each compiled by
-  XLA into one kernel (`tf.function(jit_compile=True)`), so eager code and plain `tf.function`s get the
-  fused kernels too. The forward pass keeps nothing logits-sized, the backward pass recomputes the
-  softmax. XLA compiles each kernel once per input shape. Inside an XLA compilation it is
-  `compiled=False`.
+  XLA into one kernel (`tf.function(jit_compile=True)`), so eager code and plain `tf.function`s get fused
+  kernels too. The forward pass keeps nothing logits-sized and the backward pass recomputes the softmax.
+  XLA compiles each kernel once per input shape. Inside an XLA compilation it is `compiled=False`.
 """
 
 from __future__ import annotations
@@ -60,20 +61,31 @@ def sparse_softmax_cross_entropy(logits: tf.Tensor, labels: tf.Tensor, label_smo
 
 
 def _forward(logits, labels, smoothing):
-    """Returns `(loss, unnormalised_softmax, sum_exp, max)` of flat `[n, classes]` logits, in float32+.
+    """Returns `(loss, unnormalised_softmax, sum_exp, shift)` of flat `[n, classes]` logits, in float32+.
 
-    Every logit enters as its distance to the row's maximum, as in TensorFlow's kernel, so that large
-    logits (float16 reaches 65504) lose no precision to `log(sum_exp) + max`.
+    `unnormalised_softmax` is `exp(logits - shift)` with one `shift` per row, chosen so that `exp` cannot
+    overflow. The row maximum always works but costs a pass over the logits. The target logit, gathered
+    anyway, works as well unless some logit of its row exceeds it by more than about 80 (float32) or
+    700 (float64): then the sum overflows, which is checked, and the rows are redone with the maximum.
+    Either way the result is exact to float rounding, and every logit enters as its distance to the
+    shift, so large logits (float16 reaches 65504) lose no precision.
     """
     logits = tf.cast(logits, _checks.compute_dtype(logits.dtype))
-    row_max = tf.reduce_max(logits, axis=-1)
-    unnormalised = tf.exp(logits - row_max[:, None])
-    sum_exp = tf.reduce_sum(unnormalised, axis=-1)
     target_logit = tf.gather(logits, labels[:, None], batch_dims=1)[:, 0]
-    loss = tf.math.log(sum_exp) - (target_logit - row_max)
+
+    def shifted_by(shift):
+        unnormalised = tf.exp(logits - shift[:, None])
+        return unnormalised, tf.reduce_sum(unnormalised, axis=-1), shift
+
+    unnormalised, sum_exp, shift = shifted_by(target_logit)
+    unnormalised, sum_exp, shift = tf.cond(
+        tf.reduce_all(tf.math.is_finite(sum_exp)),
+        lambda: (unnormalised, sum_exp, shift),
+        lambda: shifted_by(tf.reduce_max(logits, axis=-1)))
+    loss = tf.math.log(sum_exp) - (target_logit - shift)
     if smoothing is not None:
         loss += smoothing * (target_logit - tf.reduce_mean(logits, axis=-1))
-    return loss, unnormalised, sum_exp, row_max
+    return loss, unnormalised, sum_exp, shift
 
 
 def _gradient(softmax_times_g, labels, upstream, smoothing, dtype):
@@ -93,7 +105,7 @@ def _gradient(softmax_times_g, labels, upstream, smoothing, dtype):
 
 
 def _traced_xent(logits, labels, smoothing):
-    """The formulation as plain ops: the forward pass keeps `exp(logits - max)` for the backward pass."""
+    """The formulation as plain ops: the forward pass keeps `exp(logits - shift)` for the backward pass."""
 
     @tf.custom_gradient
     def xent(logits, *smoothing_arg):
@@ -102,7 +114,8 @@ def _traced_xent(logits, labels, smoothing):
         loss, unnormalised, sum_exp, _ = _forward(tf.stop_gradient(logits), labels, smoothing)
 
         def grad(upstream):
-            softmax_times_g = unnormalised * (upstream / sum_exp)[:, None]
+            # Divide first: with a shift below the maximum, `upstream / sum_exp` could underflow.
+            softmax_times_g = unnormalised / sum_exp[:, None] * upstream[:, None]
             return (_gradient(softmax_times_g, labels, upstream, smoothing, logits.dtype),
                     *(None for _ in smoothing_arg))
 
@@ -113,13 +126,13 @@ def _traced_xent(logits, labels, smoothing):
 
 
 def _compiled_forward(logits, labels, smoothing):
-    loss, unnormalised, sum_exp, row_max = _forward(logits, labels, smoothing)
+    loss, unnormalised, sum_exp, shift = _forward(logits, labels, smoothing)
     del unnormalised
-    return loss, row_max, tf.math.log(sum_exp)
+    return loss, shift, tf.math.log(sum_exp)
 
 
-def _compiled_backward(logits, labels, row_max, log_sum_exp, upstream, smoothing):
-    softmax = tf.exp(tf.cast(logits, upstream.dtype) - row_max[:, None] - log_sum_exp[:, None])
+def _compiled_backward(logits, labels, shift, log_sum_exp, upstream, smoothing):
+    softmax = tf.exp(tf.cast(logits, upstream.dtype) - shift[:, None] - log_sum_exp[:, None])
     return _gradient(softmax * upstream[:, None], labels, upstream, smoothing, logits.dtype)
 
 
@@ -136,10 +149,10 @@ def _compiled_xent(logits, labels, smoothing):
     def xent(logits, *smoothing_arg):
         # `stop_gradient`: in eager mode the tape would otherwise record the kernel call and keep its
         # logits-sized intermediates for a gradient that is never taken.
-        loss, row_max, log_sum_exp = _forward_kernel(tf.stop_gradient(logits), labels, smoothing)
+        loss, shift, log_sum_exp = _forward_kernel(tf.stop_gradient(logits), labels, smoothing)
 
         def grad(upstream):
-            return (_backward_kernel(logits, labels, row_max, log_sum_exp, upstream, smoothing),
+            return (_backward_kernel(logits, labels, shift, log_sum_exp, upstream, smoothing),
                     *(None for _ in smoothing_arg))
 
         return loss, grad
