@@ -108,7 +108,8 @@ def _tf_keras_version():
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m examples.seq2seq.make_fixture", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m examples.seq2seq.make_fixture",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=FIXTURE_DIR, help="fixture folder (default: %(default)s)")
     parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)  # the tf_keras step's input
     args = parser.parse_args(argv)

@@ -137,7 +137,8 @@ def prepare_run_dir(config: Config) -> None:
         shutil.rmtree(config.route_dir)
     if path.exists():
         recorded = json.loads(path.read_text())
-        changed = {key: (recorded.get(key), value) for key, value in settings.items() if recorded.get(key) != value}
+        changed = {key: (recorded.get(key), value) for key, value in settings.items()
+                   if recorded.get(key) != value}
         if changed:
             described = ", ".join(f"{key}={new!r} (was {old!r})" for key, (old, new) in changed.items())
             raise ValueError(f"{config.route_dir} holds a run with other settings: {described}. Pass "
@@ -194,7 +195,8 @@ def train(config: Config, on_batch_end: Optional[Callable[[Seq2SeqModel, int, in
     """
     started = time.perf_counter()
     run = restore_run(config)
-    train_examples, validation_examples, test_examples = run.train_examples, run.validation_examples, run.test_examples
+    train_examples, validation_examples, test_examples = (
+        run.train_examples, run.validation_examples, run.test_examples)
     model, optimizer, state, done = run.model, run.optimizer, run.state, run.done
     log(f"{len(train_examples)} training, {len(validation_examples)} validation and {len(test_examples)} test "
         f"examples; vocabulary of {model.vocab_size} ids; {model.count_params():,} parameters; route "
@@ -230,6 +232,7 @@ def _fit(config, model, optimizer, state, done, train_data, validation_data, ste
 
     class Checkpointer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch  # Keras passes `on_train_batch_end` no epoch number
             self.started = time.perf_counter()
 
         def on_train_batch_end(self, batch, logs=None):
@@ -239,11 +242,8 @@ def _fit(config, model, optimizer, state, done, train_data, validation_data, ste
         def on_epoch_end(self, epoch, logs=None):
             state.finish_epoch(float(logs["loss"]), float(logs["val_loss"]), time.perf_counter() - self.started)
 
-    checkpointer = Checkpointer()
-    # Keras gives `on_train_batch_end` no epoch number; `on_epoch_begin` keeps it for the hook.
-    epoch_keeper = keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: setattr(checkpointer, "epoch", epoch))
     model.fit(train_data, validation_data=validation_data, epochs=config.epochs, initial_epoch=done,
-              callbacks=[epoch_keeper, checkpointer], shuffle=False,  # the dataset reshuffles itself
+              callbacks=[Checkpointer()], shuffle=False,  # the dataset reshuffles itself
               verbose=1 if config.progress else 2)  # 2: one line per epoch
 
 
