@@ -319,20 +319,21 @@ def markdown(rows, meta):
         f"{meta['repeats']} interleaved rounds, medians.",
         "",
         "| shape | dtype | entry | mode | median ms | × copy floor | × best peer | peak extra MB | × logits "
-        "| max abs error: loss / grad |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| first call ms | max abs error: loss / grad |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         shape = "x".join(str(v) for v in row["shape"])
         if "error" in row:
             lines.append(f"| {shape} | {row['dtype']} | {row['entry']} | {row['mode']} | failed: "
-                         f"{row['error'].replace('|', '/')} | | | | | |")
+                         f"{row['error'].replace('|', '/')} | | | | | | |")
             continue
         peak = None if row.get("peak_bytes") is None else row["peak_bytes"] / 2**20
         lines.append(
             f"| {shape} | {row['dtype']} | {row['entry']} | {row['mode']} | {row['median_s'] * 1e3:.2f} "
             f"| {row['x_floor']:.1f} | {_fmt(row.get('x_best_peer'), '.2f')} | {_fmt(peak, '.1f')} "
-            f"| {_fmt(row.get('x_logits'), '.2f')} | {row['loss_error']:.1e} / {row['grad_error']:.1e} |")
+            f"| {_fmt(row.get('x_logits'), '.2f')} | {row['first_call_s'] * 1e3:.0f} "
+            f"| {row['loss_error']:.1e} / {row['grad_error']:.1e} |")
     floors = sorted({("x".join(str(v) for v in row["shape"]), row["dtype"], row["floor_s"]) for row in rows})
     lines += ["", "Copy floor (np.copyto of the logits into a preallocated array), median ms: "
               + ", ".join(f"{shape} {dtype}: {floor * 1e3:.2f}" for shape, dtype, floor in floors) + "."]
@@ -341,40 +342,51 @@ def markdown(rows, meta):
     return "\n".join(lines) + "\n"
 
 
+_MODE_STYLE = {"eager": (":", "^"), "function": ("--", "s"), "xla": ("-", "o")}
+
+
 def plot(rows, path):
+    """Time and memory against the number of classes, one row of plots per `[batch, time]` and dtype."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(row["shape"][0], row["shape"][1], row["dtype"]) for row in rows if "median_s" in row})
-    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.2 * len(groups)), squeeze=False)
-    for (batch, time_, dtype), (ax_time, ax_mem) in zip(groups, axes):
-        group = [row for row in rows if (row["shape"][0], row["shape"][1], row["dtype"]) == (batch, time_, dtype)
-                 and "median_s" in row]
-        series = sorted({(row["entry"], row["mode"]) for row in group})
-        for entry, mode in series:
-            points = sorted((row["shape"][2], row) for row in group if (row["entry"], row["mode"]) == (entry, mode))
-            classes = [c for c, _ in points]
-            style = dict(marker="o", linestyle="-" if not is_peer(entry) else "--",
-                         linewidth=2.2 if not is_peer(entry) else 1.2, label=f"{entry} ({mode})")
-            ax_time.plot(classes, [r["median_s"] * 1e3 for _, r in points], **style)
+    measured = [row for row in rows if "median_s" in row]
+    groups = {}
+    for row in measured:
+        groups.setdefault((row["shape"][0], row["shape"][1], row["dtype"]), set()).add(row["shape"][2])
+    # A sweep is a `[batch, time]` measured at several class counts; single shapes are in the table.
+    keys = sorted(key for key, classes in groups.items() if len(classes) > 1) or sorted(groups)
+    entries = sorted({row["entry"] for row in measured}, key=lambda e: (is_peer(e), e))
+    colors = {entry: f"C{i}" for i, entry in enumerate(entries)}
+    fig, axes = plt.subplots(len(keys), 2, figsize=(13, 4.6 * len(keys)), squeeze=False)
+    for (batch, time_, dtype), (ax_time, ax_mem) in zip(keys, axes):
+        group = [row for row in measured if (row["shape"][0], row["shape"][1], row["dtype"]) == (batch, time_, dtype)]
+        for entry, mode in sorted({(row["entry"], row["mode"]) for row in group}):
+            points = sorted(((row["shape"][2], row) for row in group if (row["entry"], row["mode"]) == (entry, mode)),
+                            key=lambda point: point[0])
+            linestyle, marker = _MODE_STYLE.get(mode, ("-", "o"))
+            style = dict(color=colors[entry], linestyle=linestyle, marker=marker, markersize=4,
+                         linewidth=2.0 if not is_peer(entry) else 1.0, label=f"{entry} ({mode})")
+            ax_time.plot([c for c, _ in points], [r["median_s"] * 1e3 for _, r in points], **style)
             memory = [(c, r["x_logits"]) for c, r in points if r.get("x_logits") is not None]
             if memory:
                 ax_mem.plot([c for c, _ in memory], [m for _, m in memory], **style)
         floors = sorted({(row["shape"][2], row["floor_s"]) for row in group})
         ax_time.plot([c for c, _ in floors], [f * 1e3 for _, f in floors], color="black", linestyle=":",
-                     label="copy floor")
-        ax_time.set(xscale="log", yscale="log", xlabel="classes", ylabel="median forward+backward ms",
-                    title=f"time, [{batch}, {time_}, classes] {dtype}")
+                     linewidth=1, label="copy floor")
+        ax_time.set(xscale="log", yscale="log", xlabel="classes", ylabel="median ms, forward + backward",
+                    title=f"Time, [{batch}, {time_}, classes] {dtype}")
         ax_mem.set(xscale="log", xlabel="classes", ylabel="peak extra memory / logits size",
                    title=f"TensorFlow peak memory, [{batch}, {time_}, classes] {dtype}")
-        ax_mem.axhline(1.0, color="black", linestyle=":", linewidth=1)
-        ax_time.grid(True, which="both", alpha=0.3)
-        ax_mem.grid(True, alpha=0.3)
-        ax_time.legend(fontsize=7, ncol=2)
+        ax_mem.set_ylim(bottom=0)
+        for ax in (ax_time, ax_mem):
+            ax.grid(True, which="both", alpha=0.3)
+        ax_time.legend(fontsize=7, ncol=2, title="thick: tf_seqloss; -o xla, --s function, :^ eager",
+                       title_fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

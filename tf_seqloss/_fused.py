@@ -3,17 +3,17 @@
 `tf.nn.sparse_softmax_cross_entropy_with_logits` computes the whole gradient `softmax - one_hot` in its
 forward pass and multiplies it by the incoming gradient in its backward pass: on CPU one slow kernel plus
 a second full pass, and under XLA two logits-sized buffers alive at once. Here the forward pass keeps only
-what the backward pass needs, and the backward pass writes the gradient once,
-`softmax * g - one_hot * g`, subtracting the one-hot part as a scatter of one value per row instead of
-building a one-hot matrix. The softmax is shifted by the target logit rather than the row maximum
-whenever that cannot overflow, which saves the pass that finds the maximum (see `_forward`).
+what the backward pass needs, and the backward pass writes the gradient once, `softmax * g - one_hot * g`,
+without building a one-hot matrix (see `_gradient`). The softmax is shifted by the target logit rather
+than the row maximum whenever that cannot overflow, which saves the pass that finds the maximum (see
+`_forward`).
 
 Two ways to run the same formulation:
 
 - `compiled=False`: plain TensorFlow ops. Under `jit_compile=True` XLA fuses them: the forward pass keeps
   `exp(logits - shift)` and the backward pass rescales it in place, so the whole step holds one
-  logits-sized buffer and computes one `exp` per logit. Outside XLA every op is its own kernel, and the
-  scatter copies the gradient once more.
+  logits-sized buffer (float32 and float64 logits) and computes one `exp` per logit. Outside XLA every
+  op is its own kernel, and the gradient is copied once more to subtract the one-hot part.
 - `compiled=True`: outside an XLA compilation, the forward and the backward pass are each compiled by
   XLA into one kernel (`tf.function(jit_compile=True)`), so eager code and plain `tf.function`s get fused
   kernels too. The forward pass keeps nothing logits-sized and the backward pass recomputes the softmax.
@@ -88,24 +88,33 @@ def _forward(logits, labels, smoothing):
     return loss, unnormalised, sum_exp, shift
 
 
-def _gradient(softmax_times_g, labels, upstream, smoothing, dtype):
+def _gradient(softmax_times_g, labels, upstream, smoothing, dtype, in_xla):
     """Returns `g * (softmax - (1 - ls) * one_hot - ls / classes)` from `g * softmax`, in `dtype`.
 
-    The derivative of `ce + ls * (logits[label] - mean(logits))`; the one-hot part is a scatter of one
-    value per row, so no one-hot matrix is built.
+    The derivative of `ce + ls * (logits[label] - mean(logits))`, without a one-hot matrix. Under XLA
+    the one-hot part is a comparison with the column index, which XLA fuses into the loop that writes
+    the gradient, so the gradient is written once, directly in `dtype`. Op by op, that comparison would
+    build `[n, classes]` temporaries, so there the one-hot part is a scatter of one value per row.
     """
     at_label = upstream
     if smoothing is not None:
         num_classes = tf.cast(tf.shape(softmax_times_g)[-1], upstream.dtype)
         softmax_times_g -= (upstream * smoothing / num_classes)[:, None]
         at_label = upstream * (1.0 - smoothing)
-    rows = tf.range(tf.shape(labels, out_type=labels.dtype)[0], dtype=labels.dtype)
-    grad = tf.tensor_scatter_nd_sub(softmax_times_g, tf.stack([rows, labels], axis=1), at_label)
+    if in_xla:
+        columns = tf.range(tf.shape(softmax_times_g, out_type=labels.dtype)[-1], dtype=labels.dtype)
+        grad = tf.where(columns[None, :] == labels[:, None], softmax_times_g - at_label[:, None],
+                        softmax_times_g)
+    else:
+        rows = tf.range(tf.shape(labels, out_type=labels.dtype)[0], dtype=labels.dtype)
+        grad = tf.tensor_scatter_nd_sub(softmax_times_g, tf.stack([rows, labels], axis=1), at_label)
     return tf.cast(grad, dtype)
 
 
 def _traced_xent(logits, labels, smoothing):
     """The formulation as plain ops: the forward pass keeps `exp(logits - shift)` for the backward pass."""
+
+    in_xla = in_xla_compilation()
 
     @tf.custom_gradient
     def xent(logits, *smoothing_arg):
@@ -116,7 +125,7 @@ def _traced_xent(logits, labels, smoothing):
         def grad(upstream):
             # Divide first: with a shift below the maximum, `upstream / sum_exp` could underflow.
             softmax_times_g = unnormalised / sum_exp[:, None] * upstream[:, None]
-            return (_gradient(softmax_times_g, labels, upstream, smoothing, logits.dtype),
+            return (_gradient(softmax_times_g, labels, upstream, smoothing, logits.dtype, in_xla),
                     *(None for _ in smoothing_arg))
 
         return loss, grad
@@ -133,7 +142,7 @@ def _compiled_forward(logits, labels, smoothing):
 
 def _compiled_backward(logits, labels, shift, log_sum_exp, upstream, smoothing):
     softmax = tf.exp(tf.cast(logits, upstream.dtype) - shift[:, None] - log_sum_exp[:, None])
-    return _gradient(softmax * upstream[:, None], labels, upstream, smoothing, logits.dtype)
+    return _gradient(softmax * upstream[:, None], labels, upstream, smoothing, logits.dtype, in_xla=True)
 
 
 # One XLA kernel each; `reduce_retracing` makes the second input shape trace a shape-generic function,
