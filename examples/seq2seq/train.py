@@ -129,6 +129,10 @@ class _RunState:
         self.manager.save(checkpoint_number=len(self.history))
 
 
+class RunSettingsError(ValueError):
+    """A run directory holds a run with other settings."""
+
+
 def prepare_run_dir(config: Config) -> None:
     """Creates the run directory, or checks that the one there was made with the same settings."""
     path = config.route_dir / "config.json"
@@ -141,7 +145,7 @@ def prepare_run_dir(config: Config) -> None:
                    if recorded.get(key) != value}
         if changed:
             described = ", ".join(f"{key}={new!r} (was {old!r})" for key, (old, new) in changed.items())
-            raise ValueError(f"{config.route_dir} holds a run with other settings: {described}. Pass "
+            raise RunSettingsError(f"{config.route_dir} holds a run with other settings: {described}. Pass "
                              "`--fresh` to start it again, or another `--run-dir`.")
     config.route_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=2) + "\n")
@@ -365,7 +369,7 @@ def save_model(model: Seq2SeqModel, config: Config, check_examples, log=print):
     return keras_path, saved_model_path
 
 
-def parse_args(argv: Optional[Sequence[str]] = None):
+def make_parser() -> argparse.ArgumentParser:
     defaults = Config()
     parser = argparse.ArgumentParser(
         prog="python -m examples.seq2seq",
@@ -397,14 +401,21 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--no-save", dest="save", action="store_false", help="do not write saved_models/")
     parser.add_argument("--decode", nargs="+", metavar="TEXT", default=(),
                         help="also decode these texts with the trained model, e.g. --decode '3 mars 1999'")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Result:
-    args = vars(parse_args(argv))
+    parser = make_parser()
+    args = vars(parser.parse_args(argv))
     save, texts = args.pop("save"), args.pop("decode")
-    config = Config(**args)
-    result = train(config, save=save)
+    try:
+        config = Config(**args)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        result = train(config, save=save)
+    except RunSettingsError as error:
+        parser.error(str(error))
     if texts:
         for text, iso in zip(texts, result.model.translate(tf.constant(list(texts))).numpy()):
             print(f"  {text!r} -> {iso.decode('utf-8')}")
