@@ -47,6 +47,7 @@ def test_fixture_model_has_its_recorded_configuration(model):
 
 def test_fixture_model_decodes_held_out_dates_to_iso(model):
     assert [text.decode() for text in model.translate(SOURCES).numpy()] == TARGETS
+    assert model.translate(tf.constant([], tf.string)).shape == [0]
 
 
 def test_fixture_model_losses_match_numpy_and_the_recorded_values(model, batch):
@@ -72,6 +73,7 @@ def test_fixture_saved_model_decodes_strings_and_gives_the_same_logits(model, ba
     exported = tf.saved_model.load(str(FIXTURE / "saved_model"))
     iso = exported.signatures["serving_default"](text=SOURCES)["iso"]
     assert [text.decode() for text in iso.numpy()] == TARGETS
+    assert exported.signatures["serving_default"](text=tf.constant([], tf.string))["iso"].shape == [0]
     (encoder_ids, decoder_inputs), decoder_outputs = batch
     exported_logits = exported.signatures["logits"](encoder_ids=encoder_ids, decoder_inputs=decoder_inputs)
     # Only real positions count: Keras 3 and tf_keras LSTMs output different values at masked steps.

@@ -153,6 +153,8 @@ class Seq2SeqModel(keras.Model):
         back in; every position after the first stop token is padding (0)."""
         steps = max_output_length or self.max_output_length
         encoder_ids = tf.convert_to_tensor(encoder_ids)
+        if encoder_ids.shape[0] == 0:  # Keras 3's eager LSTMCell fails on an empty batch
+            return tf.zeros([0, steps], tf.int32)
         states = self.encode(encoder_ids)
         token = tf.fill([tf.shape(encoder_ids)[0]], tf.constant(START_ID, encoder_ids.dtype))
         tokens = []
