@@ -12,8 +12,8 @@ from typing import Callable, Optional
 
 import tensorflow as tf
 
-from tf_seqloss import _checks, _xent
-from tf_seqloss.sequence_loss import _check_flags, sequence_loss
+from tf_seqloss import _checks
+from tf_seqloss.sequence_loss import check_options, sequence_loss
 
 
 def _keras_module():
@@ -136,26 +136,11 @@ class SequenceLoss(keras.losses.Loss):
             average_across_timesteps = not summing
         if average_across_batch is None:
             average_across_batch = not summing
-        _check_flags(average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch)
-        if softmax_loss_function is not None and not callable(softmax_loss_function):
-            raise TypeError(
-                "`softmax_loss_function` must be None or a callable taking `labels=` and `logits=`. "
-                f"Received: softmax_loss_function={softmax_loss_function!r}"
-            )
-        if padding_id is not None and (not isinstance(padding_id, int) or isinstance(padding_id, bool)):
-            raise TypeError(f"`padding_id` must be None or a Python int. Received: padding_id={padding_id!r}")
         if not isinstance(label_smoothing, (int, float)) or isinstance(label_smoothing, bool):
             raise TypeError(
                 f"`label_smoothing` must be a Python number. Received: label_smoothing={label_smoothing!r}")
-        _checks.check_label_smoothing(label_smoothing)
-        if softmax_loss_function is not None and label_smoothing:
-            raise ValueError(
-                "`label_smoothing` cannot be combined with `softmax_loss_function`: smooth the labels inside "
-                f"your function instead. Received: label_smoothing={label_smoothing}"
-            )
-        if epsilon is not None and not (isinstance(epsilon, (int, float)) and epsilon >= 0):
-            raise ValueError(f"`epsilon` must be None or a non-negative number. Received: epsilon={epsilon!r}")
-        _xent.check_implementation(implementation)
+        check_options(average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
+                      softmax_loss_function, padding_id, label_smoothing, epsilon, implementation)
 
         if IS_KERAS_3:
             super().__init__(name=name, reduction=reduction, dtype=dtype)

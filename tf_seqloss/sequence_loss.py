@@ -111,17 +111,8 @@ def sequence_loss(
     >>> float(tf_seqloss.sequence_loss(logits, targets, lengths=[3, 1]))  # log(5)
     1.609437...
     """
-    _check_flags(average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch)
-    _checks.check_label_smoothing(label_smoothing)
-    if softmax_loss_function is not None and not _checks.is_zero(label_smoothing):
-        raise ValueError(
-            "`label_smoothing` cannot be combined with `softmax_loss_function`: smooth the labels inside "
-            "your function instead. Received: label_smoothing={label_smoothing}".format(
-                label_smoothing=label_smoothing)
-        )
-    if epsilon is not None and not (isinstance(epsilon, (int, float)) and epsilon >= 0):
-        raise ValueError(f"`epsilon` must be None or a non-negative number. Received: epsilon={epsilon!r}")
-    _xent.check_implementation(implementation)
+    check_options(average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
+                  softmax_loss_function, padding_id, label_smoothing, epsilon, implementation)
 
     with tf.name_scope(name or "sequence_loss"):
         logits = tf.convert_to_tensor(logits, name="logits")
@@ -159,6 +150,28 @@ def sequence_loss(
             weighted = _xent.mask_invalid_ids(weighted, valid, token_weights)
         return _reduce(weighted, token_weights, average_across_timesteps, average_across_batch,
                        sum_over_timesteps, sum_over_batch, epsilon)
+
+
+def check_options(average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
+                  softmax_loss_function, padding_id, label_smoothing, epsilon, implementation) -> None:
+    """Raises for options `sequence_loss` cannot take; shared with `SequenceLoss`, which checks early."""
+    _check_flags(average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch)
+    if softmax_loss_function is not None and not callable(softmax_loss_function):
+        raise TypeError(
+            "`softmax_loss_function` must be None or a callable taking `labels=` and `logits=`. "
+            f"Received: softmax_loss_function={softmax_loss_function!r}"
+        )
+    if padding_id is not None and (not isinstance(padding_id, int) or isinstance(padding_id, bool)):
+        raise TypeError(f"`padding_id` must be None or a Python int. Received: padding_id={padding_id!r}")
+    _checks.check_label_smoothing(label_smoothing)
+    if softmax_loss_function is not None and not _checks.is_zero(label_smoothing):
+        raise ValueError(
+            "`label_smoothing` cannot be combined with `softmax_loss_function`: smooth the labels inside "
+            f"your function instead. Received: label_smoothing={label_smoothing}"
+        )
+    if epsilon is not None and not (isinstance(epsilon, (int, float)) and epsilon >= 0):
+        raise ValueError(f"`epsilon` must be None or a non-negative number. Received: epsilon={epsilon!r}")
+    _xent.check_implementation(implementation)
 
 
 def _check_flags(average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch):
@@ -203,8 +216,6 @@ def _token_weights(logits, targets, weights, lengths, padding_id, dtype):
         mask = tf.sequence_mask(lengths, maxlen=_checks.dim(logits, 1), dtype=dtype)
         token_weights = mask if token_weights is None else token_weights * mask
     if padding_id is not None:
-        if not isinstance(padding_id, int) or isinstance(padding_id, bool):
-            raise TypeError(f"`padding_id` must be a Python int. Received: padding_id={padding_id!r}")
         keep = tf.cast(tf.not_equal(targets, tf.cast(padding_id, targets.dtype)), dtype)
         token_weights = keep if token_weights is None else token_weights * keep
     if token_weights is None:
