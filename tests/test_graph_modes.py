@@ -43,6 +43,8 @@ LOSSES = {
     "sequence_loss_dense": _dense_sequence_loss,
     "softmax_cross_entropy": _tf1(tf_seqloss.softmax_cross_entropy),
     "sparse_softmax_cross_entropy": _tf1(tf_seqloss.sparse_softmax_cross_entropy),
+    "SequenceLoss": lambda logits, targets, lengths: tf_seqloss.SequenceLoss(label_smoothing=0.1)(
+        targets, logits, sample_weight=tf.sequence_mask(lengths, tf.shape(logits)[1], dtype=tf.float32)),
 }
 
 
@@ -88,7 +90,7 @@ def test_eager_function_and_xla_agree_in_value_and_gradient(name):
 GPU_CASES = [(name, tf.float32) for name in sorted(LOSSES)] + [
     (name, dtype) for dtype in (tf.float16, tf.bfloat16, tf.float64) for name in sorted(LOSSES)
     if name.startswith(("sequence_loss[", "sequence_loss_smoothed[", "sequence_loss_dense",
-                        "softmax_cross_entropy", "sparse_softmax_cross_entropy"))]
+                        "softmax_cross_entropy", "sparse_softmax_cross_entropy", "SequenceLoss"))]
 
 
 @pytest.mark.parametrize("name,dtype", GPU_CASES)
