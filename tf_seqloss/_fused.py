@@ -70,51 +70,51 @@ def _forward(logits, labels, smoothing):
     Either way the result is exact to float rounding, and every logit enters as its distance to the
     shift, so large logits (float16 reaches 65504) lose no precision.
     """
-    logits = tf.cast(logits, _checks.compute_dtype(logits.dtype))
-    target_logit = tf.gather(logits, labels[:, None], batch_dims=1)[:, 0]
+    # Half-precision logits are cast where they are used, never as a whole: a float32 copy would be
+    # materialised for the reductions. Gathering and taking the maximum commute with the exact cast.
+    dtype = _checks.compute_dtype(logits.dtype)
+    target_logit = tf.cast(tf.gather(logits, labels[:, None], batch_dims=1)[:, 0], dtype)
 
     def shifted_by(shift):
-        unnormalised = tf.exp(logits - shift[:, None])
+        unnormalised = tf.exp(tf.cast(logits, dtype) - shift[:, None])
         return unnormalised, tf.reduce_sum(unnormalised, axis=-1), shift
 
     unnormalised, sum_exp, shift = shifted_by(target_logit)
     unnormalised, sum_exp, shift = tf.cond(
         tf.reduce_all(tf.math.is_finite(sum_exp)),
         lambda: (unnormalised, sum_exp, shift),
-        lambda: shifted_by(tf.reduce_max(logits, axis=-1)))
+        lambda: shifted_by(tf.cast(tf.reduce_max(logits, axis=-1), dtype)))
     loss = tf.math.log(sum_exp) - (target_logit - shift)
     if smoothing is not None:
-        loss += smoothing * (target_logit - tf.reduce_mean(logits, axis=-1))
+        loss += smoothing * (target_logit - tf.reduce_mean(tf.cast(logits, dtype), axis=-1))
     return loss, unnormalised, sum_exp, shift
 
 
-def _gradient(softmax_times_g, labels, upstream, smoothing, dtype, in_xla):
+def _gradient(softmax_times_g, labels, upstream, smoothing, dtype, scatter):
     """Returns `g * (softmax - (1 - ls) * one_hot - ls / classes)` from `g * softmax`, in `dtype`.
 
-    The derivative of `ce + ls * (logits[label] - mean(logits))`, without a one-hot matrix. Under XLA
-    the one-hot part is a comparison with the column index, which XLA fuses into the loop that writes
-    the gradient, so the gradient is written once, directly in `dtype`. Op by op, that comparison would
-    build `[n, classes]` temporaries, so there the one-hot part is a scatter of one value per row.
+    The derivative of `ce + ls * (logits[label] - mean(logits))`, without a one-hot matrix: the one-hot
+    part is either a scatter of one value per row, or, in a kernel XLA compiles, a comparison with the
+    column index that XLA fuses into the loop writing the gradient, which then writes it once, directly
+    in `dtype`. (Op by op, that comparison would build `[n, classes]` temporaries.)
     """
     at_label = upstream
     if smoothing is not None:
         num_classes = tf.cast(tf.shape(softmax_times_g)[-1], upstream.dtype)
         softmax_times_g -= (upstream * smoothing / num_classes)[:, None]
         at_label = upstream * (1.0 - smoothing)
-    if in_xla:
+    if scatter:
+        rows = tf.range(tf.shape(labels, out_type=labels.dtype)[0], dtype=labels.dtype)
+        grad = tf.tensor_scatter_nd_sub(softmax_times_g, tf.stack([rows, labels], axis=1), at_label)
+    else:
         columns = tf.range(tf.shape(softmax_times_g, out_type=labels.dtype)[-1], dtype=labels.dtype)
         grad = tf.where(columns[None, :] == labels[:, None], softmax_times_g - at_label[:, None],
                         softmax_times_g)
-    else:
-        rows = tf.range(tf.shape(labels, out_type=labels.dtype)[0], dtype=labels.dtype)
-        grad = tf.tensor_scatter_nd_sub(softmax_times_g, tf.stack([rows, labels], axis=1), at_label)
     return tf.cast(grad, dtype)
 
 
 def _traced_xent(logits, labels, smoothing):
     """The formulation as plain ops: the forward pass keeps `exp(logits - shift)` for the backward pass."""
-
-    in_xla = in_xla_compilation()
 
     @tf.custom_gradient
     def xent(logits, *smoothing_arg):
@@ -125,7 +125,8 @@ def _traced_xent(logits, labels, smoothing):
         def grad(upstream):
             # Divide first: with a shift below the maximum, `upstream / sum_exp` could underflow.
             softmax_times_g = unnormalised / sum_exp[:, None] * upstream[:, None]
-            return (_gradient(softmax_times_g, labels, upstream, smoothing, logits.dtype, in_xla),
+            # A scatter, not a comparison: XLA then rescales the kept buffer in place (measured).
+            return (_gradient(softmax_times_g, labels, upstream, smoothing, logits.dtype, scatter=True),
                     *(None for _ in smoothing_arg))
 
         return loss, grad
@@ -142,7 +143,7 @@ def _compiled_forward(logits, labels, smoothing):
 
 def _compiled_backward(logits, labels, shift, log_sum_exp, upstream, smoothing):
     softmax = tf.exp(tf.cast(logits, upstream.dtype) - shift[:, None] - log_sum_exp[:, None])
-    return _gradient(softmax * upstream[:, None], labels, upstream, smoothing, logits.dtype, in_xla=True)
+    return _gradient(softmax * upstream[:, None], labels, upstream, smoothing, logits.dtype, scatter=False)
 
 
 # One XLA kernel each; `reduce_retracing` makes the second input shape trace a shape-generic function,
