@@ -276,8 +276,8 @@ def test_traced_step_is_gpu_ready():
     assert ops_without_gpu_kernel(step.get_concrete_function()) == []
 
 
-@pytest.mark.parametrize("classes, expected", [(13, 4096), (8192, 512), (32768, 128), (131072, 64),
-                                               (10 ** 7, 64), (None, 256)])
+@pytest.mark.parametrize("classes, expected", [(13, 4096), (8192, 512), (32768, 128), (131072, 128),
+                                               (10 ** 7, 128), (None, 256)])
 def test_automatic_chunk_size(classes, expected):
     assert linear_head.auto_chunk_size(classes) == expected
 
@@ -300,9 +300,25 @@ def test_errors_name_the_argument():
         tf_seqloss.linear_sequence_loss(x["hidden"][0], x["kernel"], x["targets"])
 
 
-def test_kernel_gradient_updated_in_slices_under_xla_equals_the_materialised_loss():
-    classes = linear_head.KERNEL_SLICE + 7  # two slices, the second partial
-    x = _inputs(classes=classes)
-    step = tf.function(_step(chunk_size=8, label_smoothing=0.1), jit_compile=True)
+@pytest.mark.parametrize("class_slice", [4, 5, 13])  # 13 classes: slices 4+4+4+1, 5+5+3, and one slice
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+@pytest.mark.parametrize("flags", [LEGAL_FLAGS[0], LEGAL_FLAGS[3]], ids=_flag_id)
+def test_kernel_gradient_summed_in_class_slices_equals_the_materialised_loss(class_slice, mode, flags,
+                                                                            monkeypatch):
+    # Slices of accumulators outside XLA; one buffer updated slice by slice in a loop under XLA; the
+    # second flags give a per-token upstream gradient (the backward pass runs the loop again).
+    monkeypatch.setattr(linear_head, "CLASS_SLICE", class_slice)
+    x = _inputs()
+    step = _step(chunk_size=8, label_smoothing=0.1, z_loss=0.01, **flags)
+    if mode != "eager":
+        step = tf.function(step, jit_compile=mode == "xla")
     fused = step(x["hidden"], x["kernel"], x["bias"], x["targets"], x["lengths"])
-    _assert_all_close(fused, _materialised_and_grads(x, ROUTES["lengths"](x), label_smoothing=0.1), 1e-5)
+    _assert_all_close(fused, _materialised_and_grads(x, ROUTES["lengths"](x), label_smoothing=0.1, z_loss=0.01,
+                                                     **flags), 1e-5)
+
+
+@pytest.mark.parametrize("classes, expected", [
+    (None, None), (13, [(0, 13)]), (1024, [(0, 1024)]), (2049, [(0, 1024), (1024, 1024), (2048, 1)]),
+    (32768, [(i, 1024) for i in range(0, 32768, 1024)]), (131072, [(i, 4096) for i in range(0, 131072, 4096)])])
+def test_class_slices_cover_the_classes(classes, expected):
+    assert linear_head.class_slices(classes) == expected
