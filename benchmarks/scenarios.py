@@ -12,7 +12,9 @@ call, the total (compilations included), the median step, tokens per second and 
   logits whose `time` is drawn from `[time_min, time_max)` every step, in a `tf.function` whose input
   signature has `None` batch and time (`--modes function`) or the same with `jit_compile=True` (`xla`).
 - `train_loop`: a whole training step of a small encoder-decoder (embedding, LSTM encoder, LSTM decoder,
-  projection to `classes`, the loss, Adam) in a `tf.function` custom loop with `None` sizes.
+  projection to `classes`, the loss, Adam) in a `tf.function` custom loop with `None` sizes; its entry
+  `tf_seqloss.linear_sequence_loss` is the same model trained through the fused head (the loss from the
+  decoder's hidden states and the projection's kernel and bias, no logits).
 - `fit`: the same model in `model.fit` on a `tf.data` pipeline of variable-length batches, with the
   loss as `SequenceLoss` (Keras picks the compilation, which on a CPU-only machine is no XLA).
 
@@ -46,6 +48,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 SCENARIOS = ("varlen", "train_loop", "fit")
 REPOSITORY = Path(__file__).resolve().parents[1]  # the checkout whose `tf_seqloss` is timed
 IMPLEMENTATIONS = ("auto", "reference", "fused", "fused_xla")
+# The fused linear + cross-entropy head, an entry of `train_loop`: the same model and weights, with the
+# loss computed from the decoder's hidden states and the projection's kernel, without logits.
+HEAD_ENTRY = "tf_seqloss.linear_sequence_loss"
 
 
 def parse_args(argv=None):
@@ -111,7 +116,8 @@ def jobs(args):
             config = dict(common, scenario=scenario, classes=args.train_classes, steps=args.train_steps,
                           mode="fit" if scenario == "fit" else "function")
             peer = "keras" if scenario == "fit" else "tf.nn"
-            groups.append((config, impls + ([] if args.no_peers else [peer, "null"])))
+            head = [HEAD_ENTRY] if scenario == "train_loop" else []
+            groups.append((config, impls + head + ([] if args.no_peers else [peer, "null"])))
     return groups
 
 
@@ -328,16 +334,29 @@ def build_model(classes, units=128, embedding_dim=64):
 def _run_train_loop(job, data):
     import tensorflow as tf
 
+    import tf_seqloss
+
     model = build_model(job["classes"])
     optimizer = tf.keras.optimizers.Adam(1e-3)
-    loss_fn = _loss_fn(job["entry"])
+    if job["entry"] == HEAD_ENTRY:  # the decoder's hidden states and the projection's weights, no logits
+        projection = model.layers[-1]
+        hidden_model = tf.keras.Model(model.inputs, projection.input)
+
+        def forward_loss(sources, decoder_inputs, targets, lengths):
+            hidden = hidden_model([sources, decoder_inputs], training=True)
+            return tf_seqloss.linear_sequence_loss(hidden, projection.kernel, targets, bias=projection.bias,
+                                                   lengths=lengths)
+    else:
+        loss_fn = _loss_fn(job["entry"])
+
+        def forward_loss(sources, decoder_inputs, targets, lengths):
+            return loss_fn(model([sources, decoder_inputs], training=True), targets, lengths)
     ids = tf.TensorSpec([None, None], tf.int32)
 
     @tf.function(input_signature=[ids, ids, ids, tf.TensorSpec([None], tf.int32)])
     def step(sources, decoder_inputs, targets, lengths):
         with tf.GradientTape() as tape:
-            logits = model([sources, decoder_inputs], training=True)
-            loss = loss_fn(logits, targets, lengths)
+            loss = forward_loss(sources, decoder_inputs, targets, lengths)
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss

@@ -276,7 +276,7 @@ def test_traced_step_is_gpu_ready():
     assert ops_without_gpu_kernel(step.get_concrete_function()) == []
 
 
-@pytest.mark.parametrize("classes, expected", [(13, 4096), (8192, 512), (32768, 128), (131072, 128),
+@pytest.mark.parametrize("classes, expected", [(13, 4096), (8192, 256), (32768, 128), (131072, 128),
                                                (10 ** 7, 128), (None, 256)])
 def test_automatic_chunk_size(classes, expected):
     assert linear_head.auto_chunk_size(classes) == expected

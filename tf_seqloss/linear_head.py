@@ -7,8 +7,14 @@ tokens at a time:
 
 - **Chunks of tokens.** A `tf.while_loop` computes, for `chunk_size` tokens at a time, the chunk's logits,
   its log-sum-exp and cross-entropy, and, when a gradient will be taken, the chunk's logits gradient,
-  which it turns at once into the chunk's rows of the hidden gradient and adds into the kernel and bias
-  gradients (accumulated in float32). Nothing `[tokens, classes]`-sized is ever alive.
+  which it turns at once into the chunk's rows of the hidden gradient (added into one `[tokens,
+  features]` buffer) and adds into the kernel and bias gradients (accumulated in float32). Nothing
+  `[tokens, classes]`-sized is ever alive.
+- **Slices of classes for the kernel gradient.** `dW += h^T @ g` is summed one slice of classes at a
+  time (`class_slices`), so that no `[features, classes]` temporary sits beside the accumulator: outside
+  XLA each slice has its own accumulator, concatenated once after the loop; under XLA one buffer is
+  updated in place, slice after slice in a loop of its own (XLA's scheduler would otherwise run every
+  slice's matmul first and hold all their results).
 - **Gradient in the forward pass.** When the flags reduce to a scalar, the gradient of the reduced loss
   is the same for every token's weighted loss, so the loop forms the gradients as it goes (as Liger-Kernel
   does) and the backward pass only scales them: one matmul for the logits and two for the gradients,
@@ -45,9 +51,11 @@ except ImportError:  # pragma: no cover - private API; without it the backward p
 
 _LAYOUT_HIDDEN = "[batch, time, features]"
 
-# Automatic chunking keeps the float32 logits of one chunk near this many elements (16 MiB), with a
-# chunk of at least MIN_CHUNK tokens so that the kernel-gradient matmul of a chunk stays efficient.
-CHUNK_ELEMENTS = 2 ** 22
+# Automatic chunking keeps the float32 logits of one chunk near this many elements (8 MiB), with a
+# chunk of at least MIN_CHUNK tokens so that the matmuls of a chunk stay efficient (measured at 8192
+# tokens x 512 features: 256 tokens at 8192 classes beat 128 and 512 in time and memory, in both modes;
+# at 32768 and 131072 classes 128 tokens beat 64).
+CHUNK_ELEMENTS = 2 ** 21
 MIN_CHUNK = 128
 MAX_CHUNK = 4096
 
@@ -96,7 +104,7 @@ def linear_sequence_loss(
             token's loss (weighted like it). A Python or NumPy number in `[0, inf)`.
         epsilon: keyword-only. As in `sequence_loss`.
         chunk_size: keyword-only. Tokens per chunk; `None` picks it from the number of classes so that a
-            chunk's float32 logits hold about 4M elements (at least 128, at most 4096 tokens).
+            chunk's float32 logits hold about 2M elements (at least 128, at most 4096 tokens).
         return_log_sum_exp: keyword-only. Also return the `[batch, time]` log-sum-exp of every token's
             logits (0 at padded tokens), e.g. to log what `z_loss` pushes towards 0. It has no gradient.
         normalizer: keyword-only. As in `sequence_loss`: `"global"` for the exact token mean over the
@@ -305,7 +313,6 @@ class _ChunkLoop:
         num_chunks = (self.n_active + chunk - 1) // chunk
         columns = tf.range(chunk)
         slices = class_slices(kernel.shape[1])
-
         def body(c, ce_ta, lse_ta, d_hidden, d_kernel, d_bias):
             start = c * chunk
             rows = tf.slice(self.order, [start], [chunk])
@@ -316,31 +323,17 @@ class _ChunkLoop:
             labels = tf.gather(self.labels, rows)
             logits = tf.matmul(h, kernel_c)
             if bias_c is not None:
-                logits += bias_c
-            row_max = tf.reduce_max(logits, axis=1)
-            exp = tf.exp(logits - row_max[:, None])
-            sum_exp = tf.reduce_sum(exp, axis=1)
-            lse = row_max + tf.math.log(sum_exp)
-            target = tf.gather(logits, labels[:, None], batch_dims=1)[:, 0]
-            ce = lse - target
-            if self.smoothing is not None:
-                ce += self.smoothing * (target - tf.reduce_mean(logits, axis=1))
-            if self.z is not None:
-                ce += self.z * tf.square(lse)
+                logits = tf.nn.bias_add(logits, bias_c)
             zero = tf.zeros([], dtype)
+            if with_grad:
+                coef = tf.where(live, tf.gather(scale, rows), zero)
+                ce, lse, g = _softmax_step(logits, labels, coef, self.smoothing, self.z, with_grad=True)
+            else:
+                ce, lse = _softmax_step(logits, labels, None, self.smoothing, self.z, with_grad=False)
             ce_ta = ce_ta.write(c, tf.where(live, ce, zero))
             lse_ta = lse_ta.write(c, tf.where(live, lse, zero))
             if not with_grad:
                 return c + 1, ce_ta, lse_ta, d_hidden, d_kernel, d_bias
-            coef = tf.where(live, tf.gather(scale, rows), zero)
-            # d/dlogits of ce: (1 + 2 z lse) softmax - (1 - ls) one_hot - ls / classes, times coef.
-            softmax_coef = coef if self.z is None else coef * (1.0 + 2.0 * self.z * lse)
-            g = exp * (softmax_coef / sum_exp)[:, None]
-            at_label = coef
-            if self.smoothing is not None:
-                g -= (coef * self.smoothing / tf.cast(tf.shape(logits)[1], dtype))[:, None]
-                at_label = coef * (1.0 - self.smoothing)
-            g = tf.tensor_scatter_nd_sub(g, tf.stack([columns, tf.cast(labels, tf.int32)], 1), at_label)
             # Adds exact zeros at the rows past the real tokens (padded tokens, or token 0 repeated).
             d_hidden = tf.tensor_scatter_nd_add(d_hidden, rows[:, None], tf.cast(_times_transposed(g, kernel_c, xla),
                                                                                  hidden.dtype))
@@ -383,6 +376,36 @@ class _ChunkLoop:
         d_kernel = tf.cast(d_kernel, kernel.dtype)
         d_bias = None if bias is None else tf.cast(d_bias, bias.dtype)
         return ce, lse, (d_hidden, d_kernel, d_bias)
+
+
+def _softmax_step(logits, labels, coef, smoothing=None, z=None, *, with_grad):
+    """Returns `(ce, lse, g)` of a chunk's `[tokens, classes]` logits; `(ce, lse)` without gradient.
+
+    `ce` is each token's loss (cross-entropy, plus TF1 label smoothing and the z-loss when `smoothing`
+    and `z` are given), `lse` its log-sum-exp, and `g` the gradient of `sum(coef * ce)` with respect to
+    the logits: `coef * ((1 + 2 z lse) softmax - (1 - ls) one_hot - ls / classes)`.
+    """
+    row_max = tf.reduce_max(logits, axis=1)
+    exp = tf.exp(logits - row_max[:, None])
+    sum_exp = tf.reduce_sum(exp, axis=1)
+    lse = row_max + tf.math.log(sum_exp)
+    target = tf.gather(logits, labels[:, None], batch_dims=1)[:, 0]
+    ce = lse - target
+    if smoothing is not None:
+        ce += smoothing * (target - tf.reduce_mean(logits, axis=1))
+    if z is not None:
+        ce += z * tf.square(lse)
+    if not with_grad:
+        return ce, lse
+    softmax_coef = coef if z is None else coef * (1.0 + 2.0 * z * lse)
+    g = exp * (softmax_coef / sum_exp)[:, None]
+    at_label = coef
+    if smoothing is not None:
+        g -= (coef * smoothing / tf.cast(tf.shape(logits)[1], logits.dtype))[:, None]
+        at_label = coef * (1.0 - smoothing)
+    rows = tf.range(tf.shape(logits)[0])
+    g = tf.tensor_scatter_nd_sub(g, tf.stack([rows, tf.cast(labels, tf.int32)], 1), at_label)
+    return ce, lse, g
 
 
 def _times_transposed(g, kernel, xla):
