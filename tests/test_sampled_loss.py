@@ -28,7 +28,7 @@ def _candidates(targets):
     return sampled, true_expected, sampled_expected
 
 
-def _numpy_loss(x, candidates, weights, **flags):
+def _numpy_loss(x, candidates, weights, remove_accidental_hits=True, **flags):
     sampled, true_expected, sampled_expected = (np.asarray(c, np.float64) for c in candidates)
     sampled = sampled.astype(np.int64)
     hidden = x["hidden"].astype(np.float64).reshape(-1, FEATURES)
@@ -36,7 +36,8 @@ def _numpy_loss(x, candidates, weights, **flags):
     labels = x["targets"].reshape(-1)
     true_logit = np.einsum("nf,fn->n", hidden, kernel[:, labels]) + bias[labels] - np.log(true_expected[:, 0])
     sampled_logits = hidden @ kernel[:, sampled] + bias[sampled] - np.log(sampled_expected)
-    sampled_logits[labels[:, None] == sampled[None, :]] = -np.inf  # accidental hits removed
+    if remove_accidental_hits:
+        sampled_logits[labels[:, None] == sampled[None, :]] = -np.inf
     all_logits = np.concatenate([true_logit[:, None], sampled_logits], axis=1)
     top = all_logits.max(axis=1, keepdims=True)
     ce = (np.log(np.exp(all_logits - top).sum(axis=1)) + top[:, 0] - true_logit).reshape(BATCH, TIME)
@@ -114,3 +115,30 @@ def test_errors_name_the_argument():
         tf_seqloss.sampled_sequence_loss(x["hidden"], x["kernel"], x["targets"])
     with pytest.raises(ValueError, match="`hidden` and `kernel` must agree in the features"):
         tf_seqloss.sampled_sequence_loss(x["hidden"], x["kernel"][1:], x["targets"], num_sampled=2)
+
+
+def test_under_xla_takes_candidates_drawn_outside_and_refuses_what_has_no_xla_kernel():
+    x = _inputs()
+    candidates = _candidates(x["targets"])
+    kwargs = dict(bias=x["bias"], lengths=x["lengths"], num_sampled=SAMPLED)
+
+    @tf.function(jit_compile=True)
+    def compiled(hidden, kernel, sampled, true_expected, sampled_expected):
+        return tf_seqloss.sampled_sequence_loss(hidden, kernel, x["targets"], x["weights"], **kwargs,
+                                                sampled_values=(sampled, true_expected, sampled_expected),
+                                                remove_accidental_hits=False)
+
+    flags = dict(average_across_timesteps=True, average_across_batch=True, sum_over_timesteps=False,
+                 sum_over_batch=False)
+    weights = x["weights"].astype(np.float64) * (np.arange(TIME)[None, :] < x["lengths"][:, None])
+    expected = _numpy_loss(x, candidates, weights, remove_accidental_hits=False, **flags)
+    np.testing.assert_allclose(float(compiled(x["hidden"], x["kernel"], *candidates)), expected, rtol=1e-5)
+    assert not np.isclose(expected, _numpy_loss(x, candidates, weights, **flags))  # the ids do collide
+
+    for options in (dict(remove_accidental_hits=False), dict(sampled_values=candidates)):
+        @tf.function(jit_compile=True)
+        def refused(hidden, kernel, options=options):
+            return tf_seqloss.sampled_sequence_loss(hidden, kernel, x["targets"], **kwargs, **options)
+
+        with pytest.raises(ValueError, match="Under `jit_compile=True`.*sampled_values.*remove_accidental_hits"):
+            refused(x["hidden"], x["kernel"])

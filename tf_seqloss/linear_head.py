@@ -527,7 +527,10 @@ def sampled_sequence_loss(
         remove_accidental_hits: keyword-only. As in `tf.nn.sampled_softmax_loss` (default True).
         sampled_values: keyword-only. A `(sampled, true_expected_count, sampled_expected_count)` tuple
             from a `tf.random.*_candidate_sampler` over the flattened `[batch * time, 1]` targets; `None`
-            draws log-uniform candidates.
+            draws log-uniform candidates, on the host (TensorFlow's candidate samplers have neither a GPU
+            nor an XLA kernel). Under `jit_compile=True`, draw them outside the compiled function, pass
+            them here and pass `remove_accidental_hits=False` (its op has no XLA kernel either); else a
+            `ValueError` says so.
         seed: keyword-only. Seed of the default sampler.
 
     Returns:
@@ -552,6 +555,15 @@ def sampled_sequence_loss(
         if num_classes is None:
             raise ValueError("The number of classes (`kernel.shape[1]`) must be known when "
                              f"`sampled_sequence_loss` is traced. Received: kernel.shape={kernel.shape}")
+        if _fused.in_xla_compilation() and (sampled_values is None or remove_accidental_hits):
+            # TensorFlow's candidate samplers and `ComputeAccidentalHits` have no XLA kernel.
+            raise ValueError(
+                "Under `jit_compile=True`, `sampled_sequence_loss` needs `sampled_values` drawn outside the "
+                "compiled function (e.g. `tf.random.log_uniform_candidate_sampler` on the `[batch * time, 1]` "
+                "targets) and `remove_accidental_hits=False`: TensorFlow's candidate samplers and its removal "
+                "of accidental hits have no XLA kernel. Received: sampled_values="
+                f"{'None' if sampled_values is None else 'a tuple'}, "
+                f"remove_accidental_hits={remove_accidental_hits!r}")
         targets = check_head_targets(hidden, targets, padding_id)
         dtype = _checks.compute_dtype(hidden.dtype)
         token_weights = weights_lib.token_weights(hidden, targets, dtype=dtype, weights=weights, lengths=lengths,
