@@ -80,6 +80,44 @@ def test_keras_mask_of_hidden_marks_padding():
     np.testing.assert_allclose(added, expected, rtol=1e-5)
 
 
+class Tagger(keras.Model):
+    """A subclassed model: `Embedding(mask_zero=True)`, then the head's logits (as the example's decoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = keras.layers.Embedding(VOCAB, FEATURES, mask_zero=True)
+        self.head = tf_seqloss.FusedLinearHead(VOCAB, bias_initializer="random_normal")
+
+    def call(self, tokens):
+        return self.head(self.embedding(tokens))
+
+
+def test_logits_keep_the_keras_mask_so_token_metrics_leave_padding_out():
+    tokens, targets, lengths = _batch(seed=2)
+    tokens = tokens * _mask(lengths).astype(np.int32)  # 0 pads the inputs
+    real = _mask(lengths).astype(bool)
+    model = Tagger()
+    logits = model(tokens)
+    np.testing.assert_array_equal(np.asarray(tf_seqloss._keras.get_mask(logits)), real)
+    predicted = logits.numpy().argmax(-1)
+    wrong = ~real | (np.arange(TIME)[None, :] % 2 == 1)  # every padded token, and every other real one
+    targets = np.where(wrong, (predicted + 1) % VOCAB, predicted).astype(np.int32)
+    expected = (predicted == targets)[real].mean()
+    assert not np.isclose(expected, (logits.numpy().argmax(-1) == targets).mean())  # padding would change it
+
+    accuracy = tf_seqloss.TokenAccuracy()
+
+    def accuracy_of(tokens, targets):  # as the example's evaluation step: the mask lives inside the trace
+        accuracy.update_state(targets, model(tokens))
+        return accuracy.result()
+
+    for run in (accuracy_of, tf.function(accuracy_of)):
+        accuracy.reset_state()
+        np.testing.assert_allclose(float(run(tokens, targets)), expected, rtol=1e-6)
+    top = tf_seqloss.FusedLinearHead(VOCAB, top_k=2)
+    assert tf_seqloss._keras.get_mask(top(model.embedding(tokens))[0]) is None  # top-k: no mask
+
+
 def test_trainer_fits_on_the_fused_loss_and_predictor_decodes_with_the_same_weights():
     tokens, targets, lengths = _batch(seed=2)
     keras.utils.set_random_seed(2)

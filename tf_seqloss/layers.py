@@ -344,7 +344,9 @@ class FusedLinearHead(keras.layers.Layer):
             return hidden_shape[:-1] + (self.units,)
         return hidden_shape[:-1] + (self.top_k,), hidden_shape[:-1] + (self.top_k,)
 
-    def compute_mask(self, hidden, targets=None, weights=None, lengths=None, mask=None):
+    def compute_mask(self, hidden, mask=None):
+        # Both Kerases call `compute_mask(inputs, previous_mask)`, the mask second whatever `call` takes:
+        # the logits (or the per-token log-sum-exp) keep the padding mask of `hidden`.
         return None if self.top_k is not None else mask
 
     def get_config(self) -> dict:
