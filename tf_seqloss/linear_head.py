@@ -313,6 +313,7 @@ class _ChunkLoop:
         num_chunks = (self.n_active + chunk - 1) // chunk
         columns = tf.range(chunk)
         slices = class_slices(kernel.shape[1])
+
         def body(c, ce_ta, lse_ta, d_hidden, d_kernel, d_bias):
             start = c * chunk
             rows = tf.slice(self.order, [start], [chunk])
