@@ -276,6 +276,19 @@ def test_traced_step_is_gpu_ready():
     assert ops_without_gpu_kernel(step.get_concrete_function()) == []
 
 
+@pytest.mark.parametrize("flags", [LEGAL_FLAGS[0], LEGAL_FLAGS[3]], ids=_flag_id)
+def test_traced_step_with_class_slices_is_gpu_ready(flags, monkeypatch):
+    # Static classes: the kernel gradient in slices, with an accumulator each (the path of known shapes).
+    monkeypatch.setattr(linear_head, "CLASS_SLICE", 4)
+    x = _inputs()
+    step = tf.function(_step(chunk_size=4, label_smoothing=0.1, z_loss=0.01, **flags))
+    concrete = step.get_concrete_function(x["hidden"], x["kernel"], x["bias"], x["targets"], x["lengths"])
+    nodes = {node.op for node in concrete.graph.as_graph_def().node} | {
+        node.op for f in concrete.graph.as_graph_def().library.function for node in f.node_def}
+    assert "ConcatV2" in nodes and "BatchMatMulV2" in nodes  # the slices were traced
+    assert ops_without_gpu_kernel(concrete) == []
+
+
 @pytest.mark.parametrize("classes, expected", [(13, 4096), (8192, 256), (32768, 128), (131072, 128),
                                                (10 ** 7, 128), (None, 256)])
 def test_automatic_chunk_size(classes, expected):
