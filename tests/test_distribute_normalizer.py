@@ -8,17 +8,13 @@ layer), equals the NumPy float64 gradient of the global token mean of a linear m
 devices must be set before TensorFlow starts, so all of it runs in one fresh, time-bounded interpreter.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests import reference
+from tests.child import run_script
 
 SCRIPT = textwrap.dedent('''
     import json
@@ -100,13 +96,7 @@ SCRIPT = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=root,
-                          timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULTS"))
-    out = json.loads(line[len("RESULTS"):])
+    out = run_script(SCRIPT, marker="RESULTS", timeout=240)
     for key in ("features", "targets", "mask", "kernel"):
         out[key] = np.array(out[key])
     return out

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 import tf_seqloss
 from tests import reference
+from tests.child import run_script
 from tf_seqloss._keras import keras
 
 VOCAB, TIME, FEATURES = 37, 6, 8
@@ -245,16 +246,6 @@ print("RESULT " + json.dumps(dict(
 
 
 def test_replicas_average_their_own_token_means_under_mirrored_strategy():
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", _DISTRIBUTED], capture_output=True, text=True, cwd=root,
-                         env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, out.stderr[-3000:]
-    result = json.loads(lines[-1][7:])
+    result = run_script(_DISTRIBUTED, marker="RESULT ", timeout=600)
     np.testing.assert_allclose(result["evaluated"], result["expected"], rtol=1e-5)
     assert result["weight_error"] < 1e-5

@@ -6,15 +6,12 @@ single device would on that mean. The logical devices must be set before TensorF
 runs in a fresh interpreter.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.child import run_script
 
 SCRIPT = textwrap.dedent('''
     import json
@@ -73,13 +70,7 @@ SCRIPT = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=root,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULTS"))
-    return json.loads(line[len("RESULTS"):])
+    return run_script(SCRIPT, marker="RESULTS", timeout=600)
 
 
 @pytest.mark.parametrize("route", ["loss", "layer"])
