@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: the load average they record and how they write a run's results.
+"""What the benchmark scripts share: the machine and load average they record, and how they write results.
 
 The scripts run as `python benchmarks/<script>.py`, so this folder is on their import path.
 """
@@ -7,7 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from pathlib import Path
+
+
+def machine() -> dict:
+    """Returns the CPU's model name (or the platform's processor), the number of cores and Python's version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version())
 
 
 def load_average() -> str:

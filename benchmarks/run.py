@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from _common import load_average, write_results  # noqa: E402  (benchmarks/ is on the path)
+from _common import load_average, machine, write_results  # noqa: E402  (benchmarks/ is on the path)
 
 import tf_seqloss  # noqa: E402
 from tf_seqloss import cross_entropy as _xent  # noqa: E402
@@ -288,14 +287,8 @@ def _numpy_loss_and_grad(data, shape, dtype):
 # ----------------------------------------------------------------------------------------------------------
 # Reporting.
 
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(), tensorflow=tf.__version__,
+def machine_and_versions():
+    return dict(machine(), tensorflow=tf.__version__,
                 keras=_keras_version(), torch=torch_version(), numpy=np.__version__,
                 gpus=len(tf.config.list_physical_devices("GPU")))
 
@@ -438,7 +431,8 @@ def main(argv=None):
             progress.set_description("x".join(str(v) for v in shape) + f" {dtype}")
             rows += measure_shape(args, shape, dtype, progress)
     progress.close()
-    meta = dict(machine=machine(), load_before=load_before, load_after=load_average(), repeats=args.repeats,
+    meta = dict(machine=machine_and_versions(), load_before=load_before, load_after=load_average(),
+                repeats=args.repeats,
                 command="python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 notes=notes)
     write_results(args.out, meta, rows, markdown, plot)

@@ -34,14 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from _common import load_average, write_results  # benchmarks/ is on the path of a script run from here
+from _common import load_average, machine, write_results  # benchmarks/ is on the path of a script run from here
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -411,16 +410,6 @@ def _run_fit(job, data):
 
 # ----------------------------------------------------------------------------------------------------------
 # Reporting.
-
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version())
-
 
 def _keras_version(tf):
     if os.environ.get("TF_USE_LEGACY_KERAS") == "1":
