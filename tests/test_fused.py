@@ -6,6 +6,7 @@ with `None` sizes and under XLA. The NumPy float64 reference and a numerical gra
 formulation on its own as well. Speed and memory are measured by `benchmarks/run.py`, not here.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -325,3 +326,81 @@ def test_plain_fused_backward_is_exact_when_upstream_over_the_sum_is_subnormal(w
     (loss, grad), (ref_loss, ref_grad) = run("fused"), run("reference")
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-12 * weight)
+
+
+@pytest.fixture
+def blocks_of_four_rows():
+    """The forward pass that keeps nothing logits-sized reduces 4 rows of 11 classes at a time, in fresh
+    kernels (the module's kernels may hold traces made with the default block size)."""
+    kernel = tf.function(_fused._compiled_forward, jit_compile=True, reduce_retracing=True)
+    with mock.patch.object(_fused, "ROW_BLOCK_ELEMENTS", 4 * 11), mock.patch.object(_fused, "_forward_kernel", kernel):
+        yield
+
+
+def _numpy_loss_and_grad(logits, ids, label_smoothing):
+    """`_loss_and_grad`'s loss and gradient in NumPy float64, from the logits' exact values."""
+    x = tf.cast(logits, tf.float64).numpy()
+    ids = ids.numpy()
+    classes = x.shape[-1]
+    valid = (ids >= 0) & (ids < classes)
+    safe = np.where(valid, ids, 0)
+    loss = np.where(valid, reference.token_cross_entropy(x, safe, label_smoothing), 0.0)
+    upstream = (np.arange(1, ids.size + 1) / ids.size).reshape(ids.shape) * valid
+    target = np.eye(classes)[safe] * (1 - label_smoothing) + label_smoothing / classes
+    return loss, (np.exp(reference.log_softmax(x)) - target) * upstream[..., None]
+
+
+@pytest.mark.usefixtures("blocks_of_four_rows")
+@pytest.mark.parametrize("mode", ("eager", "function", "xla"))
+@pytest.mark.parametrize("implementation", FAST)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_param_id)
+def test_row_blocks_equal_numpy_float64(dtype, implementation, mode):
+    # 15 rows in blocks of 4: the last block starts at row 11 and repeats row 11. Two rows hold a logit
+    # 800 above their target's, which overflows the target shift and sends every row to the row maximum.
+    logits, ids = _inputs((3, 5, 11), dtype, tf.int64, seed=4, out_of_range=True)
+    ids = tf.tensor_scatter_nd_update(ids, [[0, 0], [2, 4]], tf.constant([1, 5], tf.int64))  # first, last row valid
+    logits = tf.tensor_scatter_nd_add(logits, [[0, 1, 7], [2, 4, 3]], tf.constant([800.0, 800.0], dtype))
+    for label_smoothing, rows in ((0.0, logits), (0.2, logits[:, :4]), (0.0, logits[:1, :2])):
+        rows_ids = ids[:rows.shape[0], :rows.shape[1]]
+        run = functools.partial(_loss_and_grad, implementation=implementation, label_smoothing=label_smoothing)
+        if mode != "eager":
+            spec = (tf.TensorSpec([None, None, 11], dtype), tf.TensorSpec([None, None], tf.int64))
+            run = tf.function(run, jit_compile=mode == "xla", input_signature=None if mode == "xla" else spec)
+        loss, _, grad = run(rows, rows_ids)
+        expected_loss, expected_grad = _numpy_loss_and_grad(rows, rows_ids, label_smoothing)
+        np.testing.assert_allclose(loss, expected_loss, rtol=LOSS_TOL[dtype], atol=LOSS_TOL[dtype])
+        np.testing.assert_allclose(tf.cast(grad, tf.float64), expected_grad, rtol=GRAD_TOL[dtype],
+                                   atol=GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("mode", ("eager", "function", "xla"))
+@pytest.mark.parametrize("rows", (0, 1, 3, 8, 9))
+def test_row_block_reduction_covers_every_row_once(rows, mode):
+    # Blocks of 4 rows of 5 classes; the last block is moved back to end at the last row.
+    x = tf.reshape(tf.range(rows * 5, dtype=tf.float32), [rows, 5])
+    shift = tf.range(rows, dtype=tf.float32)
+
+    def sums(x, shift):
+        return _fused._row_block_reduction(
+            lambda block, shift: tf.reduce_sum(block, axis=-1) - shift, x, tf.float32, False, shift)
+
+    if mode != "eager":
+        spec = None if mode == "xla" else (tf.TensorSpec([None, 5]), tf.TensorSpec([None]))
+        sums = tf.function(sums, jit_compile=mode == "xla", input_signature=spec)
+    with mock.patch.object(_fused, "ROW_BLOCK_ELEMENTS", 4 * 5):
+        result = sums(x, shift)
+    np.testing.assert_array_equal(result, x.numpy().sum(axis=-1) - shift.numpy())
+
+
+@pytest.mark.parametrize("mode", ("eager", "xla"))
+def test_bfloat16_bits_widen_exactly(mode):
+    # Every bfloat16 bit pattern class: zeros, subnormals, normals, extremes, infinities and NaN.
+    values = tf.constant([0.0, -0.0, 1e-40, -3e-39, 1.0, -2.5, 3.3895e38, -3.3895e38, np.inf, -np.inf, np.nan],
+                         tf.bfloat16)
+    carrier, bits = _fused._kernel_input(values)
+    assert bits and carrier.dtype == tf.float16
+    widen = functools.partial(_fused._widen, dtype=tf.float32, bfloat16_bits=True)
+    if mode == "xla":
+        widen = tf.function(widen, jit_compile=True)
+    np.testing.assert_array_equal(widen(carrier).numpy().view(np.uint32),
+                                  tf.cast(values, tf.float32).numpy().view(np.uint32))

@@ -27,6 +27,12 @@ Two ways to run the same formulation:
   XLA into one kernel (`tf.function(jit_compile=True)`), so eager code and plain `tf.function`s get fused
   kernels too. The forward pass keeps nothing logits-sized and the backward pass recomputes the softmax.
   XLA compiles each kernel once per input shape. Inside an XLA compilation it is `compiled=False`.
+
+Memory: XLA's CPU backend (TensorFlow 2.21) writes out the whole input of a row reduction, so that
+`sum(exp(logits - shift))` would materialise `[n, classes]` in float32: twice the size of half-precision
+logits. The forward pass that keeps nothing logits-sized (the kernels, and half-precision logits as
+plain ops) therefore reduces blocks of rows in a loop (`_row_block_reduction`); the step then peaks at
+the gradient's own size.
 """
 
 from __future__ import annotations
@@ -81,7 +87,8 @@ def fused_cross_entropy(logits: tf.Tensor, labels: tf.Tensor, label_smoothing=0.
     return tf.reshape(loss, tf.shape(labels))
 
 
-def _forward(logits, labels, smoothing, active=None, keep_unnormalised=True):
+def _forward(logits, labels, smoothing, active=None, keep_unnormalised=True, row_blocks=False,
+             bfloat16_bits=False):
     """Returns `(loss, unnormalised_softmax, sum_exp, shift)` of flat `[n, classes]` logits, in float32+.
 
     `unnormalised_softmax` is `exp(logits - shift)` with one `shift` per row, chosen so that `exp` cannot
@@ -92,35 +99,120 @@ def _forward(logits, labels, smoothing, active=None, keep_unnormalised=True):
     shift, so large logits (float16 reaches 65504) lose no precision. Rows where `active` is False are
     left out of the check: padding may hold `inf` or `NaN`, which no shift repairs.
 
-    With `keep_unnormalised=False` it returns None for `unnormalised_softmax` and nothing logits-sized
-    passes through the fallback's `tf.cond`: XLA then computes each sum in one fused loop instead of
-    materialising `exp(logits - shift)` in the compute dtype (for half-precision logits, twice their size).
+    With `keep_unnormalised=False` it returns None for `unnormalised_softmax` and keeps nothing
+    logits-sized. With `row_blocks` as well, every row reduction runs over blocks of rows, so that XLA
+    materialises nothing logits-sized either (`_row_block_reduction`); with `bfloat16_bits`, the float16
+    `logits` then hold the bit patterns of bfloat16 logits (`_kernel_input`).
     """
     # Half-precision logits are cast where they are used, never as a whole: a float32 copy would be
     # materialised for the reductions. Gathering and taking the maximum commute with the exact cast.
-    dtype = _checks.compute_dtype(logits.dtype)
-    target_logit = tf.cast(tf.gather(logits, labels[:, None], batch_dims=1)[:, 0], dtype)
+    dtype = tf.float32 if bfloat16_bits else _checks.compute_dtype(logits.dtype)
+    target_logit = tf.gather(logits, labels[:, None], batch_dims=1)[:, 0]
+    target_logit = _widen(target_logit, dtype, bfloat16_bits)
 
-    def shifted_by(shift):
-        unnormalised = tf.exp(tf.cast(logits, dtype) - shift[:, None])
-        return unnormalised, tf.reduce_sum(unnormalised, axis=-1), shift
+    if keep_unnormalised:
+        def shifted_by(shift):
+            unnormalised = tf.exp(tf.cast(logits, dtype) - shift[:, None])
+            return unnormalised, tf.reduce_sum(unnormalised, axis=-1), shift
 
-    if not keep_unnormalised:
-        def shifted_by(shift):  # noqa: F811 - the same sums, without handing the exponentials on
+        def row_max():
+            return tf.cast(tf.reduce_max(logits, axis=-1), dtype)
+
+        def row_mean():
+            return tf.reduce_mean(tf.cast(logits, dtype), axis=-1)
+    elif not row_blocks:
+        def shifted_by(shift):
             return None, tf.reduce_sum(tf.exp(tf.cast(logits, dtype) - shift[:, None]), axis=-1), shift
+
+        def row_max():
+            return tf.cast(tf.reduce_max(logits, axis=-1), dtype)
+
+        def row_mean():
+            return tf.reduce_mean(tf.cast(logits, dtype), axis=-1)
+    else:
+        def shifted_by(shift):
+            sum_exp = _row_block_reduction(
+                lambda block, shift: tf.reduce_sum(tf.exp(block - shift[:, None]), axis=-1),
+                logits, dtype, bfloat16_bits, shift)
+            return None, sum_exp, shift
+
+        def row_max():
+            return _row_block_reduction(lambda block: tf.reduce_max(block, axis=-1),
+                                        logits, dtype, bfloat16_bits)
+
+        def row_mean():
+            return _row_block_reduction(lambda block: tf.reduce_mean(block, axis=-1),
+                                        logits, dtype, bfloat16_bits)
 
     unnormalised, sum_exp, shift = shifted_by(target_logit)
     fits = tf.math.is_finite(sum_exp)
     if active is not None:
         fits = tf.logical_or(fits, tf.logical_not(active))
+    # Without `unnormalised`, nothing logits-sized passes through the fallback's `tf.cond`.
     kept = (sum_exp, shift) if unnormalised is None else (unnormalised, sum_exp, shift)
-    kept = tf.cond(tf.reduce_all(fits), lambda: kept,
-                   lambda: shifted_by(tf.cast(tf.reduce_max(logits, axis=-1), dtype))[3 - len(kept):])
+    kept = tf.cond(tf.reduce_all(fits), lambda: kept, lambda: shifted_by(row_max())[3 - len(kept):])
     unnormalised, sum_exp, shift = (None, *kept) if unnormalised is None else kept
     loss = tf.math.log(sum_exp) - (target_logit - shift)
     if smoothing is not None:
-        loss += smoothing * (target_logit - tf.reduce_mean(tf.cast(logits, dtype), axis=-1))
+        loss += smoothing * (target_logit - row_mean())
     return loss, unnormalised, sum_exp, shift
+
+
+# The forward pass that keeps nothing logits-sized reduces this many logits at once (`_row_block_reduction`).
+ROW_BLOCK_ELEMENTS = 2**21
+
+
+def _row_block_reduction(reduce_block, logits, dtype, bfloat16_bits, *row_vectors):
+    """Returns the `[n]` row reductions `reduce_block(block, *vector_blocks)` of all rows of `logits`.
+
+    `block` is a block of rows of the logits in `dtype` (about `ROW_BLOCK_ELEMENTS` logits; see `_widen`
+    for `bfloat16_bits`) and each
+    vector block the same rows of a `[n]` vector of `row_vectors`. XLA's CPU backend (TensorFlow 2.21)
+    writes out the whole input of a row reduction before reducing it: `sum(exp(logits - shift))` over
+    all rows would materialise a float32 `[n, classes]` tensor, twice the size of half-precision logits.
+    Block by block, in a `tf.while_loop`, that tensor is one block, which stays in cache: the pass is
+    also faster (measured, benchmarks/README.md). The last block is shifted back to end at the last row,
+    so every block has the same static size under XLA; the rows it repeats are written twice, equal.
+    """
+    n, classes = _checks.dim(logits, 0), _checks.dim(logits, 1)
+    if isinstance(n, int) and isinstance(classes, int):  # static sizes, as XLA needs them
+        rows = min(max(ROW_BLOCK_ELEMENTS // max(classes, 1), 1), n)
+    else:
+        rows = tf.minimum(tf.maximum(ROW_BLOCK_ELEMENTS // tf.maximum(classes, 1), 1), n)
+    num_blocks = (n + rows - 1) // tf.maximum(rows, 1)
+
+    def body(i, output):
+        start = tf.minimum(i * rows, n - rows)
+        block = _widen(tf.slice(logits, tf.stack([start, 0]), tf.stack([rows, classes])), dtype, bfloat16_bits)
+        part = reduce_block(block, *(tf.slice(v, [start], [rows]) for v in row_vectors))
+        return i + 1, tf.tensor_scatter_nd_update(output, (start + tf.range(rows))[:, None], part)
+
+    _, output = tf.while_loop(lambda i, _: i < num_blocks, body, (tf.constant(0), tf.zeros([n], dtype)),
+                              parallel_iterations=1)
+    return output
+
+
+def _widen(x, dtype, bfloat16_bits=False):
+    """Returns `x` cast to `dtype`, or with `bfloat16_bits` the bfloat16 values whose bit patterns the
+    float16 `x` holds, as float32: a bfloat16 is the upper half of the float32 of the same value."""
+    if bfloat16_bits:
+        bits = tf.cast(tf.bitcast(x, tf.uint16), tf.uint32)
+        return tf.bitcast(tf.bitwise.left_shift(bits, 16), tf.float32)
+    return tf.cast(x, dtype)
+
+
+def _kernel_input(logits):
+    """Returns `(logits, bfloat16_bits)` as the forward kernel takes them.
+
+    Inside the loop over row blocks, XLA's CPU backend converts bfloat16 to float32 before slicing,
+    and then hoists the conversion of the whole tensor out of the loop: the float32 copy the blocks
+    avoid. It keeps float16 slices, and bit operations, in the loop. So bfloat16 logits enter the
+    kernel as float16 holding their bit patterns (which have a GPU kernel for every op, unlike
+    `uint16`), and are widened with bit operations. `tf.bitcast` outside the kernel shares the buffer.
+    """
+    if logits.dtype == tf.bfloat16:
+        return tf.bitcast(logits, tf.float16), True
+    return logits, False
 
 
 def _times_upstream(softmax, upstream):
@@ -204,7 +296,8 @@ def _traced_xent(logits, labels, smoothing, active):
 
     Except for half-precision logits: kept in the compute dtype, that buffer would be twice their size,
     so the forward pass keeps two `[n]` vectors and the backward pass recomputes the softmax from the
-    logits, as the compiled kernels do; under XLA each pass is then one fused loop over the logits.
+    logits, as the compiled kernels do: the forward pass a loop over blocks of rows, the backward pass one
+    fused loop under XLA.
     """
     if _checks.compute_dtype(logits.dtype) != logits.dtype:
         return _recomputing_xent(logits, labels, smoothing, active, scatter=not in_xla_compilation())
@@ -251,8 +344,9 @@ def _traced_xent(logits, labels, smoothing, active):
     return xent(logits, *_as_args(smoothing))
 
 
-def _compiled_forward(logits, labels, smoothing, active):
-    loss, _, sum_exp, shift = _forward(logits, labels, smoothing, active, keep_unnormalised=False)
+def _compiled_forward(logits, labels, smoothing, active, row_blocks=True, bfloat16_bits=False):
+    loss, _, sum_exp, shift = _forward(logits, labels, smoothing, active, keep_unnormalised=False,
+                                       row_blocks=row_blocks, bfloat16_bits=bfloat16_bits)
     return loss, shift, tf.math.log(sum_exp)
 
 
@@ -278,7 +372,16 @@ def _recomputing_xent(logits, labels, smoothing, active, kernels=False, scatter=
 
     `kernels=True` runs each pass as an XLA kernel, otherwise as plain ops (`scatter` as in `_gradient`).
     """
-    forward = _forward_kernel if kernels else _compiled_forward
+    def forward(logits, *args):
+        if kernels or in_xla_compilation():  # row blocks: XLA materialises one block at a time
+            # (Under an XLA compilation, `_kernel_input`'s bitcast of bfloat16 logits is a copy of them:
+            # half the size of the float32 copy it avoids.)
+            logits, bfloat16_bits = _kernel_input(logits)
+            return (_forward_kernel if kernels else _compiled_forward)(logits, *args, bfloat16_bits=bfloat16_bits)
+        # Op by op a loop over row blocks was measured slower and saves nothing: the backward pass's ops
+        # materialise float32 tensors of the logits' shape anyway.
+        return _compiled_forward(logits, *args, row_blocks=False)
+
     backward = _backward_kernel if kernels else functools.partial(_compiled_backward, scatter=scatter)
 
     @tf.custom_gradient
