@@ -404,3 +404,35 @@ def test_bfloat16_bits_widen_exactly(mode):
         widen = tf.function(widen, jit_compile=True)
     np.testing.assert_array_equal(widen(carrier).numpy().view(np.uint32),
                                   tf.cast(values, tf.float32).numpy().view(np.uint32))
+
+
+@pytest.mark.parametrize("implementation", ("auto",) + FAST)
+@pytest.mark.parametrize("dtype", (tf.float32, tf.float64, tf.bfloat16), ids=_param_id)
+def test_under_xla_with_unknown_sizes_equals_numpy_whatever_the_padding_holds(dtype, implementation):
+    # With sizes unknown while tracing, XLA compiles the step for each shape and the fused formulation
+    # shifts every row by its maximum (no fallback branch). A logit 800 above the target's, and
+    # padding of inf, -inf and NaN, must leave the loss and gradient those of NumPy float64.
+    logits, ids = _inputs((3, 5, 11), dtype, seed=7)
+    logits = tf.tensor_scatter_nd_add(logits, [[0, 1, 7], [2, 0, 3]], tf.constant([800.0, 800.0], dtype))
+    lengths = tf.constant([5, 2, 1])
+    inside = np.arange(5)[None, :] < lengths.numpy()[:, None]
+    hostile = np.resize(np.array([np.inf, -np.inf, np.nan]), (3, 5, 11))
+    padded = tf.where(inside[..., None], logits, tf.constant(hostile, dtype))
+    spec = (tf.TensorSpec([None, None, 11], dtype), tf.TensorSpec([None, None], tf.int32),
+            tf.TensorSpec([None], tf.int32))
+
+    @tf.function(input_signature=spec, jit_compile=True)
+    def step(logits, ids, lengths):
+        with tf.GradientTape() as tape:
+            tape.watch(logits)
+            loss = tf_seqloss.sequence_loss(logits, ids, lengths=lengths, implementation=implementation)
+        return loss, tape.gradient(loss, logits)
+
+    loss, grad = step(padded, ids, lengths)
+    clean = np.where(inside[..., None], tf.cast(logits, tf.float64).numpy(), 0.0)
+    weights = inside.astype(np.float64)
+    np.testing.assert_allclose(loss, reference.sequence_loss(clean, ids.numpy(), weights),
+                               rtol=LOSS_TOL[dtype], atol=LOSS_TOL[dtype])
+    np.testing.assert_allclose(tf.cast(grad, tf.float64), reference.sequence_loss_grad(clean, ids.numpy(), weights),
+                               rtol=GRAD_TOL[dtype], atol=GRAD_TOL[dtype])
+    assert np.all(tf.cast(grad, tf.float64).numpy()[~inside] == 0.0)

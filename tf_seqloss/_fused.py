@@ -95,6 +95,7 @@ def _forward(logits, labels, smoothing, active=None, keep_unnormalised=True, row
     overflow. The row maximum always works but costs a pass over the logits. The target logit, gathered
     anyway, works as well unless some logit of its row exceeds it by more than about 80 (float32) or
     700 (float64): then the sum overflows, which is checked, and the rows are redone with the maximum.
+    (Except under XLA with sizes unknown while tracing, where the maximum is taken at once, see below.)
     Either way the result is exact to float rounding, and every logit enters as its distance to the
     shift, so large logits (float16 reaches 65504) lose no precision. Rows where `active` is False are
     left out of the check: padding may hold `inf` or `NaN`, which no shift repairs.
@@ -144,14 +145,20 @@ def _forward(logits, labels, smoothing, active=None, keep_unnormalised=True, row
             return _row_block_reduction(lambda block: tf.reduce_mean(block, axis=-1),
                                         logits, dtype, bfloat16_bits)
 
-    unnormalised, sum_exp, shift = shifted_by(target_logit)
-    fits = tf.math.is_finite(sum_exp)
-    if active is not None:
-        fits = tf.logical_or(fits, tf.logical_not(active))
-    # Without `unnormalised`, nothing logits-sized passes through the fallback's `tf.cond`.
-    kept = (sum_exp, shift) if unnormalised is None else (unnormalised, sum_exp, shift)
-    kept = tf.cond(tf.reduce_all(fits), lambda: kept, lambda: shifted_by(row_max())[3 - len(kept):])
-    unnormalised, sum_exp, shift = (None, *kept) if unnormalised is None else kept
+    if in_xla_compilation() and not logits.shape.is_fully_defined():
+        # Sizes unknown while tracing under XLA: the function is compiled anew for every shape it meets,
+        # and the fallback's branch costs more compilation time (about 30 ms a shape at 8000 classes,
+        # measured) than the pass for the maximum costs running.
+        unnormalised, sum_exp, shift = shifted_by(row_max())
+    else:
+        unnormalised, sum_exp, shift = shifted_by(target_logit)
+        fits = tf.math.is_finite(sum_exp)
+        if active is not None:
+            fits = tf.logical_or(fits, tf.logical_not(active))
+        # Without `unnormalised`, nothing logits-sized passes through the fallback's `tf.cond`.
+        kept = (sum_exp, shift) if unnormalised is None else (unnormalised, sum_exp, shift)
+        kept = tf.cond(tf.reduce_all(fits), lambda: kept, lambda: shifted_by(row_max())[3 - len(kept):])
+        unnormalised, sum_exp, shift = (None, *kept) if unnormalised is None else kept
     loss = tf.math.log(sum_exp) - (target_logit - shift)
     if smoothing is not None:
         loss += smoothing * (target_logit - row_mean())
