@@ -30,9 +30,9 @@ Two ways to run the same formulation:
 
 Memory: XLA's CPU backend (TensorFlow 2.21) writes out the whole input of a row reduction, so that
 `sum(exp(logits - shift))` would materialise `[n, classes]` in float32: twice the size of half-precision
-logits. The forward pass that keeps nothing logits-sized (the kernels, and half-precision logits as
-plain ops) therefore reduces blocks of rows in a loop (`_row_block_reduction`); the step then peaks at
-the gradient's own size.
+logits. The forward pass that keeps nothing logits-sized (the kernels, and half-precision logits under
+XLA) therefore reduces blocks of rows in a loop (`_row_block_reduction`); the step then peaks at the
+gradient's own size (bfloat16 under XLA: twice, see `_kernel_input`).
 """
 
 from __future__ import annotations
@@ -107,41 +107,37 @@ def _forward(logits, labels, smoothing, active=None, keep_unnormalised=True, row
     """
     # Half-precision logits are cast where they are used, never as a whole: a float32 copy would be
     # materialised for the reductions. Gathering and taking the maximum commute with the exact cast.
+    if bfloat16_bits and not (row_blocks and not keep_unnormalised):
+        raise ValueError("bfloat16 bit patterns are only read block by block (`row_blocks=True`).")
     dtype = tf.float32 if bfloat16_bits else _checks.compute_dtype(logits.dtype)
     target_logit = tf.gather(logits, labels[:, None], batch_dims=1)[:, 0]
     target_logit = _widen(target_logit, dtype, bfloat16_bits)
+
+    def row_max():
+        return tf.cast(tf.reduce_max(logits, axis=-1), dtype)
+
+    def row_mean():
+        return tf.reduce_mean(tf.cast(logits, dtype), axis=-1)
 
     if keep_unnormalised:
         def shifted_by(shift):
             unnormalised = tf.exp(tf.cast(logits, dtype) - shift[:, None])
             return unnormalised, tf.reduce_sum(unnormalised, axis=-1), shift
-
-        def row_max():
-            return tf.cast(tf.reduce_max(logits, axis=-1), dtype)
-
-        def row_mean():
-            return tf.reduce_mean(tf.cast(logits, dtype), axis=-1)
     elif not row_blocks:
         def shifted_by(shift):
             return None, tf.reduce_sum(tf.exp(tf.cast(logits, dtype) - shift[:, None]), axis=-1), shift
-
-        def row_max():
-            return tf.cast(tf.reduce_max(logits, axis=-1), dtype)
-
-        def row_mean():
-            return tf.reduce_mean(tf.cast(logits, dtype), axis=-1)
-    else:
+    else:  # the same three reductions, block by block
         def shifted_by(shift):
             sum_exp = _row_block_reduction(
                 lambda block, shift: tf.reduce_sum(tf.exp(block - shift[:, None]), axis=-1),
                 logits, dtype, bfloat16_bits, shift)
             return None, sum_exp, shift
 
-        def row_max():
+        def row_max():  # noqa: F811
             return _row_block_reduction(lambda block: tf.reduce_max(block, axis=-1),
                                         logits, dtype, bfloat16_bits)
 
-        def row_mean():
+        def row_mean():  # noqa: F811
             return _row_block_reduction(lambda block: tf.reduce_mean(block, axis=-1),
                                         logits, dtype, bfloat16_bits)
 
@@ -173,8 +169,8 @@ def _row_block_reduction(reduce_block, logits, dtype, bfloat16_bits, *row_vector
     """Returns the `[n]` row reductions `reduce_block(block, *vector_blocks)` of all rows of `logits`.
 
     `block` is a block of rows of the logits in `dtype` (about `ROW_BLOCK_ELEMENTS` logits; see `_widen`
-    for `bfloat16_bits`) and each
-    vector block the same rows of a `[n]` vector of `row_vectors`. XLA's CPU backend (TensorFlow 2.21)
+    for `bfloat16_bits`), and each vector block the same rows of a `[n]` vector of `row_vectors`.
+    XLA's CPU backend (TensorFlow 2.21)
     writes out the whole input of a row reduction before reducing it: `sum(exp(logits - shift))` over
     all rows would materialise a float32 `[n, classes]` tensor, twice the size of half-precision logits.
     Block by block, in a `tf.while_loop`, that tensor is one block, which stays in cache: the pass is
