@@ -333,7 +333,8 @@ def blocks_of_four_rows():
     """The forward pass that keeps nothing logits-sized reduces 4 rows of 11 classes at a time, in fresh
     kernels (the module's kernels may hold traces made with the default block size)."""
     kernel = tf.function(_fused._compiled_forward, jit_compile=True, reduce_retracing=True)
-    with mock.patch.object(_fused, "ROW_BLOCK_ELEMENTS", 4 * 11), mock.patch.object(_fused, "_forward_kernel", kernel):
+    with mock.patch.object(_fused, "ROW_BLOCK_ELEMENTS", (4 * 11, 4 * 11)), \
+            mock.patch.object(_fused, "_forward_kernel", kernel):
         yield
 
 
@@ -373,10 +374,12 @@ def test_row_blocks_equal_numpy_float64(dtype, implementation, mode):
                                    atol=GRAD_TOL[dtype])
 
 
+@pytest.mark.parametrize("bounds", [(20, 20), (10, 1000)], ids=["4-rows", "an-eighth-at-least-2-rows"])
 @pytest.mark.parametrize("mode", ("eager", "function", "xla"))
-@pytest.mark.parametrize("rows", (0, 1, 3, 8, 9))
-def test_row_block_reduction_covers_every_row_once(rows, mode):
-    # Blocks of 4 rows of 5 classes; the last block is moved back to end at the last row.
+@pytest.mark.parametrize("rows", (0, 1, 3, 8, 9, 40))
+def test_row_block_reduction_covers_every_row_once(rows, mode, bounds):
+    # Blocks of 4 rows of 5 classes, or of an eighth of the logits but at least 2 rows (10 logits); the
+    # last block is moved back to end at the last row.
     x = tf.reshape(tf.range(rows * 5, dtype=tf.float32), [rows, 5])
     shift = tf.range(rows, dtype=tf.float32)
 
@@ -387,7 +390,7 @@ def test_row_block_reduction_covers_every_row_once(rows, mode):
     if mode != "eager":
         spec = None if mode == "xla" else (tf.TensorSpec([None, 5]), tf.TensorSpec([None]))
         sums = tf.function(sums, jit_compile=mode == "xla", input_signature=spec)
-    with mock.patch.object(_fused, "ROW_BLOCK_ELEMENTS", 4 * 5):
+    with mock.patch.object(_fused, "ROW_BLOCK_ELEMENTS", bounds):
         result = sums(x, shift)
     np.testing.assert_array_equal(result, x.numpy().sum(axis=-1) - shift.numpy())
 
