@@ -172,12 +172,10 @@ def _row_block_reduction(reduce_block, logits, dtype, bfloat16_bits, *row_vector
 
     `block` is a block of rows of the logits in `dtype` (see `ROW_BLOCK_ELEMENTS`; and `_widen`
     for `bfloat16_bits`), and each vector block the same rows of a `[n]` vector of `row_vectors`.
-    XLA's CPU backend (TensorFlow 2.21)
-    writes out the whole input of a row reduction before reducing it: `sum(exp(logits - shift))` over
-    all rows would materialise a float32 `[n, classes]` tensor, twice the size of half-precision logits.
-    Block by block, in a `tf.while_loop`, that tensor is one block, which stays in cache: the pass is
-    also faster (measured, benchmarks/README.md). The last block is shifted back to end at the last row,
-    so every block has the same static size under XLA; the rows it repeats are written twice, equal.
+    XLA's CPU backend writes out the input of a row reduction (see the module's docstring); block by
+    block, in a `tf.while_loop`, that input is one block, which stays in cache: the pass is also faster
+    (measured, benchmarks/README.md). The last block is shifted back to end at the last row, so every
+    block has the same static size under XLA; the rows it repeats are written twice, equal.
     """
     n, classes = _checks.dim(logits, 0), _checks.dim(logits, 1)
     fewest, most = ROW_BLOCK_ELEMENTS

@@ -355,7 +355,7 @@ class _ChunkLoop:
 
         if with_grad:
             d_hidden = tf.zeros(tf.shape(hidden), hidden.dtype)
-            if slices is None or xla:  # one buffer (updated in place under XLA)
+            if slices is None or len(slices) == 1 or xla:  # one buffer (updated in place under XLA)
                 d_kernel = tf.zeros(tf.shape(kernel_c), dtype)
             else:  # one accumulator a slice of classes, concatenated after the loop
                 d_kernel = tuple(tf.zeros([features, size], dtype) for _, size in slices)
@@ -442,12 +442,10 @@ def class_slices(num_classes):
 def _add_kernel_gradient(d_kernel, h, g, slices, xla):
     """Returns `d_kernel + h^T @ g`, without a kernel-sized temporary when the classes are static.
 
-    `d_kernel` is one `[features, classes]` tensor, or (outside XLA, for static classes) a tuple of one
-    accumulator for each of `slices`.
+    `d_kernel` is one `[features, classes]` tensor, or (outside XLA, for two or more static slices) a
+    tuple of one accumulator for each of `slices`.
     """
     if slices is None or len(slices) == 1:
-        if isinstance(d_kernel, tuple):
-            return (d_kernel[0] + tf.matmul(h, g, transpose_a=True),)
         return d_kernel + tf.matmul(h, g, transpose_a=True)
     if not xla:
         return tuple(acc + tf.matmul(h, g[:, start:start + size], transpose_a=True)
