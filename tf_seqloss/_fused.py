@@ -32,7 +32,7 @@ Memory: XLA's CPU backend (TensorFlow 2.21) writes out the whole input of a row 
 `sum(exp(logits - shift))` would materialise `[n, classes]` in float32: twice the size of half-precision
 logits. The forward pass that keeps nothing logits-sized (the kernels, and half-precision logits under
 XLA) therefore reduces blocks of rows in a loop (`_row_block_reduction`); the step then peaks at the
-gradient's own size (bfloat16 under XLA: twice, see `_kernel_input`).
+gradient's own size (bfloat16 under XLA: plus one block, see `_kernel_input`).
 """
 
 from __future__ import annotations
@@ -214,7 +214,9 @@ def _kernel_input(logits):
     and then hoists the conversion of the whole tensor out of the loop: the float32 copy the blocks
     avoid. It keeps float16 slices, and bit operations, in the loop. So bfloat16 logits enter the
     kernel as float16 holding their bit patterns (which have a GPU kernel for every op, unlike
-    `uint16`), and are widened with bit operations. `tf.bitcast` outside the kernel shares the buffer.
+    `uint16`), and are widened with bit operations. `tf.bitcast` outside the kernel shares the buffer;
+    inside an XLA compilation it is a copy, which the backward pass then reads too (`_recomputing_xent`),
+    so that XLA writes the gradient into that copy's buffer.
     """
     if logits.dtype == tf.bfloat16:
         return tf.bitcast(logits, tf.float16), True
@@ -356,10 +358,11 @@ def _compiled_forward(logits, labels, smoothing, active, row_blocks=True, bfloat
     return loss, shift, tf.math.log(sum_exp)
 
 
-def _compiled_backward(logits, labels, shift, log_sum_exp, upstream, smoothing, scatter=False):
-    softmax = tf.exp(tf.cast(logits, upstream.dtype) - shift[:, None] - log_sum_exp[:, None])
-    return _gradient(_times_upstream(softmax, upstream), labels, upstream, smoothing, logits.dtype,
-                     scatter=scatter)
+def _compiled_backward(logits, labels, shift, log_sum_exp, upstream, smoothing, scatter=False,
+                       bfloat16_bits=False):
+    softmax = tf.exp(_widen(logits, upstream.dtype, bfloat16_bits) - shift[:, None] - log_sum_exp[:, None])
+    return _gradient(_times_upstream(softmax, upstream), labels, upstream, smoothing,
+                     tf.bfloat16 if bfloat16_bits else logits.dtype, scatter=scatter)
 
 
 # One XLA kernel each; `reduce_retracing` makes the second input shape trace a shape-generic function,
@@ -378,11 +381,10 @@ def _recomputing_xent(logits, labels, smoothing, active, kernels=False, scatter=
 
     `kernels=True` runs each pass as an XLA kernel, otherwise as plain ops (`scatter` as in `_gradient`).
     """
-    def forward(logits, *args):
-        if kernels or in_xla_compilation():  # row blocks: XLA materialises one block at a time
-            # (Under an XLA compilation, `_kernel_input`'s bitcast of bfloat16 logits is a copy of them:
-            # half the size of the float32 copy it avoids.)
-            logits, bfloat16_bits = _kernel_input(logits)
+    blocks = kernels or in_xla_compilation()  # row blocks: XLA materialises one block at a time
+
+    def forward(logits, *args, bfloat16_bits=False):
+        if blocks:
             return (_forward_kernel if kernels else _compiled_forward)(logits, *args, bfloat16_bits=bfloat16_bits)
         # Op by op a loop over row blocks was measured slower and saves nothing: the backward pass's ops
         # materialise float32 tensors of the logits' shape anyway.
@@ -394,9 +396,16 @@ def _recomputing_xent(logits, labels, smoothing, active, kernels=False, scatter=
     def xent(logits, *smoothing_arg):
         # `stop_gradient`: in eager mode the tape would otherwise record the kernel call and keep its
         # logits-sized intermediates for a gradient that is never taken.
-        loss, shift, log_sum_exp = forward(tf.stop_gradient(logits), labels, smoothing, active)
+        carrier, bfloat16_bits = _kernel_input(tf.stop_gradient(logits)) if blocks else (
+            tf.stop_gradient(logits), False)
+        loss, shift, log_sum_exp = forward(carrier, labels, smoothing, active, bfloat16_bits=bfloat16_bits)
 
         def first_order(logits, upstream):
+            if bfloat16_bits and not kernels:
+                # Under an XLA compilation `_kernel_input`'s bitcast is a copy of the logits. Read by the
+                # backward pass as well, it ends there, and XLA writes the gradient into its buffer: the
+                # step peaks at 1.26x the logits instead of 2.05x (benchmarks/README.md).
+                return backward(carrier, labels, shift, log_sum_exp, upstream, smoothing, bfloat16_bits=True)
             return backward(logits, labels, shift, log_sum_exp, upstream, smoothing)
 
         def grad(upstream):
