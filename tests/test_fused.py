@@ -304,6 +304,22 @@ def test_benchmark_harness_runs_end_to_end(tmp_path):
     assert "| 2x3x9 | float32 | tf_seqloss | function |" in table
 
 
+def test_xla_floor_harness_runs_end_to_end(tmp_path):
+    pytest.importorskip("matplotlib")
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "benchmarks" / "xla_floor.py"), "--shape", "2x3x9", "--repeats", "2",
+               "--warmup", "1", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = {row["entry"]: row for row in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert set(rows) == {"np.copyto (copy floor)", "XLA: negate", "XLA: exp", "XLA: exp, row sum", "XLA: softmax",
+                         "tf_seqloss step (XLA)", "tf.nn step (XLA)"}
+    assert all(row["median_s"] > 0 and len(row["times"]) == 2 for row in rows.values())
+    assert rows["np.copyto (copy floor)"]["x_floor"] == 1.0 and rows["XLA: softmax"]["x_softmax"] == 1.0
+
+
 @pytest.mark.parametrize("weight", [1.0, 1e-3], ids=["normal-ratio", "subnormal-ratio"])
 def test_plain_fused_backward_is_exact_when_upstream_over_the_sum_is_subnormal(weight):
     # The target logit is the shift: a logit 85 above it makes the sum of exponentials ~1e37, so
