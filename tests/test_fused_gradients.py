@@ -7,6 +7,8 @@ Hessian-vector product `g * (p * v - p * <p, v>)`, mixed derivative `<v, p> - (1
 ls * mean(v)`.
 """
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -95,6 +97,25 @@ def test_second_order_equals_reference(compiled, mode, dtype, label_smoothing):
     _assert_close(grad, ref_grad, TOL[dtype])
     _assert_close(hvp, ref_hvp, TOL[dtype])
     # The mixed term is <v, dgrad/dw>: a sum over classes of terms rounded to the logits' dtype.
+    _assert_close(mixed, ref_mixed, TOL[dtype] * 4)
+
+
+@pytest.mark.parametrize("machine", ("cpu_only", "with_gpu"))
+@pytest.mark.parametrize("dtype", (tf.float16, tf.bfloat16), ids=_param_id)
+def test_half_precision_plain_ops_equal_reference_as_either_machine_traces_them(machine, dtype):
+    # Op by op, the half-precision gradient is finished by a narrow scatter on CPU-only machines and by
+    # the float32 one where a GPU is visible (see `_fused._gradient`).
+    inputs = _inputs((3, 4, 1030), dtype, seed=7)
+    devices = [tf.config.PhysicalDevice(name="/physical_device:CPU:0", device_type="CPU")]
+    if machine == "with_gpu":
+        devices.append(tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU"))
+    step = lambda loss_fn: lambda *args: _second_order(loss_fn, *args)
+    with mock.patch.object(tf.config, "list_physical_devices", return_value=devices):
+        grad, hvp, mixed = _in_mode(step(_fused_loss(False, 0.2)), "function")(*inputs)
+    ref_grad, ref_hvp, ref_mixed = step(_reference_loss(0.2))(*inputs)
+    assert grad.dtype == dtype
+    _assert_close(grad, ref_grad, TOL[dtype])
+    _assert_close(hvp, ref_hvp, TOL[dtype])
     _assert_close(mixed, ref_mixed, TOL[dtype] * 4)
 
 
@@ -242,8 +263,13 @@ def test_every_op_of_the_second_order_step_has_a_gpu_kernel(compiled, dtype):
         loss_fn = _fused_loss(compiled, 0.1)
         return _masked_second_order(loss_fn, logits, ids, weights, cotangent, active, pass_active=True)
 
-    concrete = tf.function(step).get_concrete_function(
-        tf.TensorSpec([None, None, None], dtype), tf.TensorSpec([None, None], tf.int64),
-        tf.TensorSpec([None, None], tf.float64), tf.TensorSpec([None, None, None], tf.float64),
-        tf.TensorSpec([None, None], tf.bool))
+    # The graph as a machine with a GPU traces it (on a CPU-only machine half-precision gradients are
+    # finished by a scatter that has no GPU kernel).
+    cpu = tf.config.PhysicalDevice(name="/physical_device:CPU:0", device_type="CPU")
+    gpu = tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU")
+    with mock.patch.object(tf.config, "list_physical_devices", return_value=[cpu, gpu]):
+        concrete = tf.function(step).get_concrete_function(
+            tf.TensorSpec([None, None, None], dtype), tf.TensorSpec([None, None], tf.int64),
+            tf.TensorSpec([None, None], tf.float64), tf.TensorSpec([None, None, None], tf.float64),
+            tf.TensorSpec([None, None], tf.bool))
     assert ops_without_gpu_kernel(concrete) == []

@@ -57,6 +57,11 @@ def in_xla_compilation() -> bool:
     return bool(_graph_in_xla(tf.compat.v1.get_default_graph()))
 
 
+def accelerator_visible() -> bool:
+    """True when the machine has a device other than CPUs (GPU, TPU), whatever ops are placed on."""
+    return any(device.device_type != "CPU" for device in tf.config.list_physical_devices())
+
+
 @tf.autograph.experimental.do_not_convert
 def fused_cross_entropy(logits: tf.Tensor, labels: tf.Tensor, label_smoothing=0.0, *,
                         compiled: bool = True, active: tf.Tensor | None = None) -> tf.Tensor:
@@ -246,7 +251,15 @@ def _gradient(softmax_times_g, labels, upstream, smoothing, dtype, scatter):
         at_label = upstream * (1.0 - smoothing)
     if scatter:
         rows = tf.range(tf.shape(labels, out_type=labels.dtype)[0], dtype=labels.dtype)
-        grad = tf.tensor_scatter_nd_sub(softmax_times_g, tf.stack([rows, labels], axis=1), at_label)
+        at = tf.stack([rows, labels], axis=1)
+        if softmax_times_g.dtype != dtype and not accelerator_visible():
+            # Half-precision logits, op by op on a CPU-only machine: TensorFlow's scatter copies its input,
+            # so it gets the narrow gradient, whose label entries are set, rounded once from float32 as the
+            # float32 scatter's would be (4.1x -> 3.05x the logits and 0.95x the time at [16, 128, 8000],
+            # measured). GPUs have no half-precision scatter kernel: there the float32 one stays.
+            at_label = tf.gather(softmax_times_g, labels[:, None], batch_dims=1)[:, 0] - at_label
+            return tf.tensor_scatter_nd_update(tf.cast(softmax_times_g, dtype), at, tf.cast(at_label, dtype))
+        grad = tf.tensor_scatter_nd_sub(softmax_times_g, at, at_label)
     else:
         columns = tf.range(tf.shape(softmax_times_g, out_type=labels.dtype)[-1], dtype=labels.dtype)
         grad = tf.where(columns[None, :] == labels[:, None], softmax_times_g - at_label[:, None],
@@ -360,7 +373,11 @@ def _compiled_forward(logits, labels, smoothing, active, row_blocks=True, bfloat
 
 def _compiled_backward(logits, labels, shift, log_sum_exp, upstream, smoothing, scatter=False,
                        bfloat16_bits=False):
-    softmax = tf.exp(_widen(logits, upstream.dtype, bfloat16_bits) - shift[:, None] - log_sum_exp[:, None])
+    # A graph runs every op once its inputs are ready: the logits are, before the forward pass has run, and
+    # op by op a cast of half-precision logits would then sit beside the forward pass's own (4.1x -> 3.05x).
+    with tf.control_dependencies([upstream]):
+        widened = _widen(logits, upstream.dtype, bfloat16_bits)
+    softmax = tf.exp(widened - shift[:, None] - log_sum_exp[:, None])
     return _gradient(_times_upstream(softmax, upstream), labels, upstream, smoothing,
                      tf.bfloat16 if bfloat16_bits else logits.dtype, scatter=scatter)
 

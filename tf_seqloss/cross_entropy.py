@@ -69,7 +69,7 @@ def choose_implementation(implementation: str, num_classes: Optional[int] = None
     """
     if implementation != "auto":
         return implementation
-    if any(device.device_type != "CPU" for device in tf.config.list_physical_devices()):
+    if _fused.accelerator_visible():
         return "reference"
     if _fused.in_xla_compilation():
         return "fused"
