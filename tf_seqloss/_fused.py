@@ -413,15 +413,16 @@ def _recomputing_xent(logits, labels, smoothing, active, kernels=False, scatter=
     def xent(logits, *smoothing_arg):
         # `stop_gradient`: in eager mode the tape would otherwise record the kernel call and keep its
         # logits-sized intermediates for a gradient that is never taken.
-        carrier, bfloat16_bits = _kernel_input(tf.stop_gradient(logits)) if blocks else (
-            tf.stop_gradient(logits), False)
+        carrier, bfloat16_bits = tf.stop_gradient(logits), False
+        if blocks:
+            carrier, bfloat16_bits = _kernel_input(carrier)
         loss, shift, log_sum_exp = forward(carrier, labels, smoothing, active, bfloat16_bits=bfloat16_bits)
 
         def first_order(logits, upstream):
             if bfloat16_bits and not kernels:
                 # Under an XLA compilation `_kernel_input`'s bitcast is a copy of the logits. Read by the
                 # backward pass as well, it ends there, and XLA writes the gradient into its buffer: the
-                # step peaks at 1.26x the logits instead of 2.05x (benchmarks/README.md).
+                # step peaks at about 1.3x the logits instead of 2.05x (benchmarks/README.md).
                 return backward(carrier, labels, shift, log_sum_exp, upstream, smoothing, bfloat16_bits=True)
             return backward(logits, labels, shift, log_sum_exp, upstream, smoothing)
 
