@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import tensorflow as tf
 from tensorflow.python.framework import kernels
 
@@ -48,3 +51,17 @@ def ops_without_gpu_kernel(concrete_function) -> list[str]:
                       for name, attr in node.attr.items() if attr.HasField("type") or attr.list.type}
             missing.add(f"{node.op} {dtypes}")
     return sorted(missing)
+
+
+@contextlib.contextmanager
+def as_on_a_gpu_machine():
+    """Traces what a machine with a GPU traces: `tf.config.list_physical_devices` lists one.
+
+    The graph can depend on it: `"auto"` keeps the reference there, and half-precision gradients op by op
+    are finished by a float32 scatter, where a CPU-only machine uses a half-precision one that has no GPU
+    kernel (`tf_seqloss._fused._gradient`).
+    """
+    devices = [tf.config.PhysicalDevice(name="/physical_device:CPU:0", device_type="CPU"),
+               tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU")]
+    with mock.patch.object(tf.config, "list_physical_devices", return_value=devices):
+        yield

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from tests import reference
-from tests.graph_checks import ops_without_gpu_kernel
+from tests.graph_checks import as_on_a_gpu_machine, ops_without_gpu_kernel
 from tf_seqloss import _fused
 
 MODES = ("eager", "function", "xla")
@@ -263,11 +263,7 @@ def test_every_op_of_the_second_order_step_has_a_gpu_kernel(compiled, dtype):
         loss_fn = _fused_loss(compiled, 0.1)
         return _masked_second_order(loss_fn, logits, ids, weights, cotangent, active, pass_active=True)
 
-    # The graph as a machine with a GPU traces it (on a CPU-only machine half-precision gradients are
-    # finished by a scatter that has no GPU kernel).
-    cpu = tf.config.PhysicalDevice(name="/physical_device:CPU:0", device_type="CPU")
-    gpu = tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU")
-    with mock.patch.object(tf.config, "list_physical_devices", return_value=[cpu, gpu]):
+    with as_on_a_gpu_machine():
         concrete = tf.function(step).get_concrete_function(
             tf.TensorSpec([None, None, None], dtype), tf.TensorSpec([None, None], tf.int64),
             tf.TensorSpec([None, None], tf.float64), tf.TensorSpec([None, None, None], tf.float64),
