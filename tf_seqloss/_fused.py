@@ -118,33 +118,28 @@ def _forward(logits, labels, smoothing, active=None, keep_unnormalised=True, row
     target_logit = tf.gather(logits, labels[:, None], batch_dims=1)[:, 0]
     target_logit = _widen(target_logit, dtype, bfloat16_bits)
 
+    def reduce_rows(reduce, *row_vectors):
+        # `reduce` of the logits in `dtype` and of `[n]` vectors; with `row_blocks`, block by block.
+        if row_blocks:
+            return _row_block_reduction(reduce, logits, dtype, bfloat16_bits, *row_vectors)
+        return reduce(tf.cast(logits, dtype), *row_vectors)
+
     def row_max():
+        if row_blocks:
+            return reduce_rows(lambda x: tf.reduce_max(x, axis=-1))
         return tf.cast(tf.reduce_max(logits, axis=-1), dtype)
 
     def row_mean():
-        return tf.reduce_mean(tf.cast(logits, dtype), axis=-1)
+        return reduce_rows(lambda x: tf.reduce_mean(x, axis=-1))
 
     if keep_unnormalised:
         def shifted_by(shift):
             unnormalised = tf.exp(tf.cast(logits, dtype) - shift[:, None])
             return unnormalised, tf.reduce_sum(unnormalised, axis=-1), shift
-    elif not row_blocks:
+    else:
         def shifted_by(shift):
-            return None, tf.reduce_sum(tf.exp(tf.cast(logits, dtype) - shift[:, None]), axis=-1), shift
-    else:  # the same three reductions, block by block
-        def shifted_by(shift):
-            sum_exp = _row_block_reduction(
-                lambda block, shift: tf.reduce_sum(tf.exp(block - shift[:, None]), axis=-1),
-                logits, dtype, bfloat16_bits, shift)
+            sum_exp = reduce_rows(lambda x, shift: tf.reduce_sum(tf.exp(x - shift[:, None]), axis=-1), shift)
             return None, sum_exp, shift
-
-        def row_max():  # noqa: F811
-            return _row_block_reduction(lambda block: tf.reduce_max(block, axis=-1),
-                                        logits, dtype, bfloat16_bits)
-
-        def row_mean():  # noqa: F811
-            return _row_block_reduction(lambda block: tf.reduce_mean(block, axis=-1),
-                                        logits, dtype, bfloat16_bits)
 
     if in_xla_compilation() and not logits.shape.is_fully_defined():
         # Sizes unknown while tracing under XLA: the function is compiled anew for every shape it meets,
