@@ -54,14 +54,16 @@ def ops_without_gpu_kernel(concrete_function) -> list[str]:
 
 
 @contextlib.contextmanager
-def as_on_a_gpu_machine():
-    """Traces what a machine with a GPU traces: `tf.config.list_physical_devices` lists one.
+def on_a_machine(gpu: bool):
+    """Traces what a machine with a GPU (`gpu=True`) or with CPUs only traces: `tf.config.list_physical_devices`
+    lists those devices.
 
-    The graph can depend on it: `"auto"` keeps the reference there, and half-precision gradients op by op
-    are finished by a float32 scatter, where a CPU-only machine uses a half-precision one that has no GPU
-    kernel (`tf_seqloss._fused._gradient`).
+    The graph can depend on it: `"auto"` keeps the reference where a GPU is visible, and half-precision
+    gradients op by op are finished by a float32 scatter there, where a CPU-only machine uses a
+    half-precision one that has no GPU kernel (`tf_seqloss._fused._gradient`).
     """
-    devices = [tf.config.PhysicalDevice(name="/physical_device:CPU:0", device_type="CPU"),
-               tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU")]
+    devices = [tf.config.PhysicalDevice(name="/physical_device:CPU:0", device_type="CPU")]
+    if gpu:
+        devices.append(tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU"))
     with mock.patch.object(tf.config, "list_physical_devices", return_value=devices):
         yield

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 import tf_seqloss
 from tests import reference
+from tests.graph_checks import on_a_machine
 from tf_seqloss import _fused
 from tf_seqloss import cross_entropy as _xent
 
@@ -217,13 +218,10 @@ def _while_tracing(fn, jit_compile):
 
 
 def test_auto_keeps_the_reference_when_an_accelerator_is_visible():
-    gpu = tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU")
-    cpu = tf.config.PhysicalDevice(name="/physical_device:CPU:0", device_type="CPU")
-    with mock.patch.object(tf.config, "list_physical_devices", return_value=[cpu, gpu]):
+    with on_a_machine(gpu=True):
         assert _xent.choose_implementation("auto", 32000) == "reference"
         assert _while_tracing(lambda: _xent.choose_implementation("auto", 32000), jit_compile=True) == "reference"
-    with mock.patch.object(tf.config, "list_physical_devices", return_value=[cpu]), \
-            mock.patch.object(_xent, "_kernel_shapes", {}):
+    with on_a_machine(gpu=False), mock.patch.object(_xent, "_kernel_shapes", {}):
         assert _xent.choose_implementation("auto", 32000, rows=2048) == "fused_xla"
         assert _while_tracing(lambda: _xent.choose_implementation("auto", 32000, rows=2048),
                               jit_compile=False) == "fused_xla"
@@ -238,10 +236,8 @@ def test_auto_keeps_the_reference_when_an_accelerator_is_visible():
 
 
 def test_auto_compiles_kernels_for_the_first_few_shapes_only():
-    cpu = tf.config.PhysicalDevice(name="/physical_device:CPU:0", device_type="CPU")
     limit = _xent.MAX_KERNEL_SHAPES
-    with mock.patch.object(tf.config, "list_physical_devices", return_value=[cpu]), \
-            mock.patch.object(_xent, "_kernel_shapes", {}):
+    with on_a_machine(gpu=False), mock.patch.object(_xent, "_kernel_shapes", {}):
         first = [_xent.choose_implementation("auto", 4000, rows=rows) for rows in range(1, limit + 1)]
         assert first == ["fused_xla"] * limit
         assert _xent.choose_implementation("auto", 4000, rows=limit + 1) == "fused"  # shapes vary: no compiling
@@ -280,18 +276,23 @@ def test_xla_compilation_is_detected_only_inside_a_jit_compiled_function():
     assert _while_tracing(_fused.in_xla_compilation, jit_compile=True)
 
 
-@pytest.mark.keras
-def test_benchmark_harness_runs_end_to_end(tmp_path):
+def _run_benchmark(script, out, *args):
+    """Runs `benchmarks/<script>` writing to `out`; returns the rows of its results.json."""
     pytest.importorskip("matplotlib")
     root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, str(root / "benchmarks" / "run.py"), "--shapes", "2x3x5,2x3x9",
-               "--modes", "eager,function", "--implementations", "auto", "--peers", "tf.nn,keras",
-               "--repeats", "2", "--warmup", "1", "--no-progress", "--out", str(tmp_path)]
+    command = [sys.executable, str(root / "benchmarks" / script), *args, "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return json.loads((out / "results.json").read_text())["rows"]
+
+
+@pytest.mark.keras
+def test_benchmark_harness_runs_end_to_end(tmp_path):
+    rows = _run_benchmark("run.py", tmp_path, "--shapes", "2x3x5,2x3x9", "--modes", "eager,function",
+                          "--implementations", "auto", "--peers", "tf.nn,keras", "--repeats", "2", "--warmup", "1",
+                          "--no-progress")
     assert {(row["entry"], row["mode"]) for row in rows} == {
         (entry, mode) for entry in ("tf_seqloss", "tf.nn", "keras")
         for mode in ("eager", "function")}
@@ -305,15 +306,8 @@ def test_benchmark_harness_runs_end_to_end(tmp_path):
 
 
 def test_xla_floor_harness_runs_end_to_end(tmp_path):
-    pytest.importorskip("matplotlib")
-    root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, str(root / "benchmarks" / "xla_floor.py"), "--shape", "2x3x9", "--repeats", "2",
-               "--warmup", "1", "--out", str(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = {row["entry"]: row for row in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    rows = _run_benchmark("xla_floor.py", tmp_path, "--shape", "2x3x9", "--repeats", "2", "--warmup", "1")
+    rows = {row["entry"]: row for row in rows}
     assert set(rows) == {"np.copyto (copy floor)", "XLA: negate", "XLA: exp", "XLA: exp, row sum", "XLA: softmax",
                          "tf_seqloss step (XLA)", "tf.nn step (XLA)"}
     assert all(row["median_s"] > 0 and len(row["times"]) == 2 for row in rows.values())

@@ -7,14 +7,12 @@ Hessian-vector product `g * (p * v - p * <p, v>)`, mixed derivative `<v, p> - (1
 ls * mean(v)`.
 """
 
-from unittest import mock
-
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tests import reference
-from tests.graph_checks import as_on_a_gpu_machine, ops_without_gpu_kernel
+from tests.graph_checks import on_a_machine, ops_without_gpu_kernel
 from tf_seqloss import _fused
 
 MODES = ("eager", "function", "xla")
@@ -106,11 +104,8 @@ def test_half_precision_plain_ops_equal_reference_as_either_machine_traces_them(
     # Op by op, the half-precision gradient is finished by a narrow scatter on CPU-only machines and by
     # the float32 one where a GPU is visible (see `_fused._gradient`).
     inputs = _inputs((3, 4, 1030), dtype, seed=7)
-    devices = [tf.config.PhysicalDevice(name="/physical_device:CPU:0", device_type="CPU")]
-    if machine == "with_gpu":
-        devices.append(tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU"))
     step = lambda loss_fn: lambda *args: _second_order(loss_fn, *args)
-    with mock.patch.object(tf.config, "list_physical_devices", return_value=devices):
+    with on_a_machine(gpu=machine == "with_gpu"):
         grad, hvp, mixed = _in_mode(step(_fused_loss(False, 0.2)), "function")(*inputs)
     ref_grad, ref_hvp, ref_mixed = step(_reference_loss(0.2))(*inputs)
     assert grad.dtype == dtype
@@ -263,7 +258,7 @@ def test_every_op_of_the_second_order_step_has_a_gpu_kernel(compiled, dtype):
         loss_fn = _fused_loss(compiled, 0.1)
         return _masked_second_order(loss_fn, logits, ids, weights, cotangent, active, pass_active=True)
 
-    with as_on_a_gpu_machine():
+    with on_a_machine(gpu=True):
         concrete = tf.function(step).get_concrete_function(
             tf.TensorSpec([None, None, None], dtype), tf.TensorSpec([None, None], tf.int64),
             tf.TensorSpec([None, None], tf.float64), tf.TensorSpec([None, None, None], tf.float64),

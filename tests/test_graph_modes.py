@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 import tf_seqloss
-from tests.graph_checks import as_on_a_gpu_machine, ops_without_gpu_kernel
+from tests.graph_checks import on_a_machine, ops_without_gpu_kernel
 from tf_seqloss import cross_entropy as _xent
 
 
@@ -96,7 +96,7 @@ GPU_CASES = [(name, tf.float32) for name in sorted(LOSSES)] + [
 @pytest.mark.parametrize("name,dtype", GPU_CASES)
 def test_every_op_of_forward_and_backward_has_a_gpu_kernel(name, dtype):
     step = tf.function(_step(LOSSES[name]))
-    with as_on_a_gpu_machine():
+    with on_a_machine(gpu=True):
         concrete = step.get_concrete_function(*_signature(dtype, tf.int64 if dtype == tf.float64 else tf.int32))
     assert ops_without_gpu_kernel(concrete) == []
 
