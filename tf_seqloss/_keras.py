@@ -8,6 +8,7 @@ itself, the Keras mask of a tensor, the replica scaling of a loss, and saving fu
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import tensorflow as tf
 
@@ -61,10 +62,58 @@ def serialize_function(fn):
     return None if fn is None else keras.saving.serialize_keras_object(fn)
 
 
+def in_safe_mode() -> bool:
+    """Returns whether Keras' safe mode is on: True unless a loader or the user turned it off.
+
+    Both Kerases keep the flag that `load_model(..., safe_mode=...)` and
+    `deserialize_keras_object(..., safe_mode=...)` set while they call `from_config` (Keras 3 in a global,
+    tf_keras per thread), and that `keras.config.enable_unsafe_deserialization()` (tf_keras:
+    `keras.__internal__.enable_unsafe_deserialization()`) clears. Outside any of them (a direct
+    `from_config`, a legacy `.h5` or SavedModel load) it is unset, and unset means safe: Keras' own
+    `deserialize_keras_object` defaults to `safe_mode=True` too.
+    """
+    try:
+        if IS_KERAS_3:
+            from keras.src.saving.serialization_lib import in_safe_mode as keras_in_safe_mode
+        else:
+            from tf_keras.src.saving.serialization_lib import in_safe_mode as keras_in_safe_mode
+    except ImportError:  # pragma: no cover - a Keras that moved it: stay safe
+        return True
+    return keras_in_safe_mode() is not False
+
+
+# The public namespaces in which both Kerases look up a built-in function saved by its bare name
+# (`module="builtins"`), as `Dense(activation="relu")` is; classes and the namespaces' own
+# `get`/`serialize`/`deserialize` are not functions a config should name.
+_BUILTIN_FUNCTION_MODULES = ("activations", "losses", "metrics")
+_NOT_BUILTIN_FUNCTIONS = frozenset({"get", "serialize", "deserialize"})
+
+
 def deserialize_function(config, owner: str, arg: str):
-    """Returns the function saved by `serialize_function`, or raises a ValueError saying how to make it load."""
+    """Returns the function `serialize_function` saved, or raises a ValueError saying how to make it load.
+
+    In safe mode (see `in_safe_mode`) only what the user's own code vouches for is accepted: an object
+    registered with `keras.saving.register_keras_serializable` or passed in `custom_objects`, and a
+    Keras built-in function (`keras.activations`, `keras.losses`, `keras.metrics`). No module named by the
+    config is imported and no bytecode is loaded, whichever Keras runs; tf_keras' generic deserialiser
+    would import any module a `.keras` file names. With safe mode off the config goes to Keras'
+    deserialiser as it is, which loads lambdas (and, under tf_keras, functions of any importable module).
+    An object (not a config) is returned as it is.
+    """
     if config is None or callable(config):
         return config
+    if in_safe_mode():
+        found, what = _resolve_safely(config)
+        if found is None:
+            raise ValueError(
+                f"Refused to load `{arg}` of `{owner}` in safe mode: its saved config names {what}, and safe "
+                "mode loads only functions registered with `@keras.saving.register_keras_serializable()` (or "
+                "passed in `custom_objects`) and Keras' built-in functions. Register the function and import "
+                "its module before loading, or load with `safe_mode=False` if you trust the file. "
+                f"Received: {arg}={_short(config)}"
+            )
+        if not isinstance(found, dict):
+            return found
     try:
         return keras.saving.deserialize_keras_object(config)
     except (ValueError, TypeError, AttributeError) as err:
@@ -77,7 +126,67 @@ def deserialize_function(config, owner: str, arg: str):
         ) from err
 
 
+def _resolve_safely(config):
+    """Returns `(object or None, what the config names)`: None where safe mode refuses the config.
+
+    A registered class comes back as its config (a dict), for Keras to instantiate: Keras then finds the
+    class by its registered name before it would consider any module.
+    """
+    if isinstance(config, str):  # A bare name, as legacy formats save functions.
+        return _registered_function(config) or _builtin_function(config), f"the name {config!r}"
+    if not isinstance(config, dict):
+        return None, f"a {type(config).__name__}"
+    class_name, module = config.get("class_name"), config.get("module")
+    name, registered_name = config.get("config"), config.get("registered_name")
+    if class_name == "__lambda__":
+        return None, "a lambda (Python bytecode)"
+    if class_name == "function":
+        where = f"the function {name!r}" + ("" if module in (None, "builtins") else f" of module {module!r}")
+        if not isinstance(name, str):
+            return None, where
+        # Both Kerases save a function under its registered name (or bare name), and look it up by that.
+        found = _registered_function(name)
+        if found is None and (module in (None, "builtins") or _is_keras_module(module)):
+            found = _builtin_function(name)
+        return found, where
+    where = (f"the class {class_name!r} of module {module!r} "
+             f"(registered_name={registered_name!r})")
+    if isinstance(registered_name, str) and isinstance(_registered(registered_name), type):
+        return config, where
+    return None, where
+
+
+def _registered(name: str):
+    # Looks in the `custom_objects` of the load under way and in the global registry; never imports.
+    return keras.saving.get_registered_object(name) if isinstance(name, str) else None
+
+
+def _registered_function(name: str):
+    found = _registered(name)
+    return found if callable(found) and not isinstance(found, type) else None
+
+
+def _builtin_function(name: str):
+    if not name.isidentifier() or name.startswith("_") or name in _NOT_BUILTIN_FUNCTIONS:
+        return None
+    for module in _BUILTIN_FUNCTION_MODULES:
+        found = getattr(getattr(keras, module), name, None)
+        if inspect.isfunction(found):
+            return found
+    return None
+
+
+def _is_keras_module(module) -> bool:
+    return isinstance(module, str) and module.split(".")[0] in ("keras", "tf_keras")
+
+
+def _short(config) -> str:
+    text = repr(config)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def _describe(config) -> str:
     if isinstance(config, dict):
-        return f"class_name={config.get('class_name')!r}, name={str(config.get('config'))[:60]!r}"
+        return (f"module={config.get('module')!r}, class_name={config.get('class_name')!r}, "
+                f"name={str(config.get('config'))[:60]!r}")
     return repr(config)[:80]

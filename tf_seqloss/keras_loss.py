@@ -59,8 +59,11 @@ class SequenceLoss(keras.losses.Loss):
         sum_over_timesteps: as in `sequence_loss`: reduce over time, dividing by the non-zero weights.
         sum_over_batch: as in `sequence_loss`: reduce over the batch, dividing by the non-zero weights.
         softmax_loss_function: as in `sequence_loss`. To save it in a `.keras` file, register it with
-            `@keras.saving.register_keras_serializable(package="...")`; a lambda saves, but loading it
-            needs `safe_mode=False`.
+            `@keras.saving.register_keras_serializable(package="...")`. Loading in safe mode (the default
+            of `load_model`, and of `from_config` outside a load) accepts only a registered function or
+            class, one passed in `custom_objects`, or a Keras built-in function, and never imports a
+            module the file names, under Keras 3 and tf_keras alike; anything else (a lambda, a function
+            of another module) raises a `ValueError` and loads only with `safe_mode=False`.
         padding_id: keyword-only. A class id marking padding in sparse `y_true` (weight 0 there).
         label_smoothing: keyword-only. As in `sequence_loss`.
         epsilon: keyword-only. As in `sequence_loss`.
