@@ -138,13 +138,47 @@ def dense_cross_entropy(logits: tf.Tensor, labels: tf.Tensor, weights: Optional[
     dtype = _checks.compute_dtype(logits.dtype)
     active = None if weights is None else tf.not_equal(weights, 0)
     logits = _inert_padding(tf.cast(logits, dtype), active)
-    labels = _inert_padding(tf.cast(labels, dtype), active)
-    if not _checks.is_zero(label_smoothing):
-        ls = _checks.cast_number(label_smoothing, dtype)
-        num_classes = tf.cast(tf.shape(labels)[-1], dtype)
-        labels = labels * (1.0 - ls) + ls / num_classes
+    labels = _smooth(_inert_padding(tf.cast(labels, dtype), active), label_smoothing)
     loss = tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
     return _weigh(_add_z_loss(loss, logits, z_loss, active), weights, active, None)
+
+
+@tf.autograph.experimental.do_not_convert
+def sparse_cross_entropy_of_probabilities(probabilities: tf.Tensor, labels: tf.Tensor,
+                                          weights: Optional[tf.Tensor] = None, *, epsilon: float,
+                                          label_smoothing=0.0, implementation: str = "auto") -> tf.Tensor:
+    """Returns `weights * cross_entropy` of `[..., classes]` probabilities against `[...]` integer ids.
+
+    Keras' `SparseCategoricalCrossentropy(from_logits=False)`, in both Kerases: the probabilities are
+    clipped to `[epsilon, 1 - epsilon]` and their log taken as logits, so the loss is
+    `-log(p[label] / sum(p))` of the clipped `p`. The padding and out-of-range rules are those of
+    `sparse_cross_entropy`, which computes it; the padded probabilities never reach the log.
+    """
+    logits = _clipped_log(probabilities, weights, epsilon)
+    return sparse_cross_entropy(logits, labels, weights, label_smoothing=label_smoothing,
+                                implementation=implementation)
+
+
+@tf.autograph.experimental.do_not_convert
+def dense_cross_entropy_of_probabilities(probabilities: tf.Tensor, labels: tf.Tensor,
+                                         weights: Optional[tf.Tensor] = None, *, epsilon: float,
+                                         label_smoothing=0.0) -> tf.Tensor:
+    """Returns `weights * cross_entropy` of `[..., classes]` probabilities against probability `labels`.
+
+    Keras' `CategoricalCrossentropy(from_logits=False)`, in both Kerases: each row is divided by its sum,
+    clipped to `[epsilon, 1 - epsilon]`, and the loss is `-sum(labels * log(p))`. Padding follows the
+    module's rule: padded rows are zeros divided by 1 before the log.
+    """
+    dtype = _checks.compute_dtype(probabilities.dtype)
+    active = None if weights is None else tf.not_equal(weights, 0)
+    probabilities = _inert_padding(tf.cast(probabilities, dtype), active)
+    labels = _smooth(_inert_padding(tf.cast(labels, dtype), active), label_smoothing)
+    totals = tf.reduce_sum(probabilities, axis=-1, keepdims=True)
+    if active is not None:
+        totals = tf.where(active[..., None], totals, tf.ones([], dtype))
+    clipped = _clip(probabilities / totals, epsilon)
+    loss = -tf.reduce_sum(labels * tf.math.log(clipped), axis=-1)
+    return _weigh(loss, weights, active, None)
 
 
 @tf.autograph.experimental.do_not_convert
@@ -172,6 +206,28 @@ def _add_z_loss(loss: tf.Tensor, logits: tf.Tensor, z_loss, active: Optional[tf.
         return loss
     logits = _inert_padding(tf.cast(logits, loss.dtype), active)
     return loss + _checks.cast_number(z_loss, loss.dtype) * tf.square(tf.reduce_logsumexp(logits, axis=-1))
+
+
+def _smooth(labels: tf.Tensor, label_smoothing) -> tf.Tensor:
+    """Returns TF1's smoothed probability targets `(1 - ls) * labels + ls / classes`."""
+    if _checks.is_zero(label_smoothing):
+        return labels
+    ls = _checks.cast_number(label_smoothing, labels.dtype)
+    num_classes = tf.cast(tf.shape(labels)[-1], labels.dtype)
+    return labels * (1.0 - ls) + ls / num_classes
+
+
+def _clip(probabilities: tf.Tensor, epsilon: float) -> tf.Tensor:
+    # As Keras: the bounds are Python numbers converted to the dtype, `1 - epsilon` rounded there.
+    return tf.clip_by_value(probabilities, _checks.cast_number(epsilon, probabilities.dtype),
+                            _checks.cast_number(1.0 - epsilon, probabilities.dtype))
+
+
+def _clipped_log(probabilities: tf.Tensor, weights: Optional[tf.Tensor], epsilon: float) -> tf.Tensor:
+    """Returns `log(clip(probabilities, epsilon, 1 - epsilon))` in the compute dtype, padded rows zeroed first."""
+    active = None if weights is None else tf.not_equal(weights, 0)
+    probabilities = _inert_padding(tf.cast(probabilities, _checks.compute_dtype(probabilities.dtype)), active)
+    return tf.math.log(_clip(probabilities, epsilon))
 
 
 def _inert_padding(x: tf.Tensor, active: Optional[tf.Tensor]) -> tf.Tensor:

@@ -7,8 +7,10 @@ that `TF_USE_LEGACY_KERAS=1` selects.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Callable, Optional
 
+import numpy as np
 import tensorflow as tf
 from tensorflow.types.experimental import TensorLike
 
@@ -65,6 +67,20 @@ class SequenceLoss(keras.losses.Loss):
             module the file names, under Keras 3 and tf_keras alike; anything else (a lambda, a function
             of another module) raises a `ValueError` and loads only with `safe_mode=False`.
         padding_id: keyword-only. A class id marking padding in sparse `y_true` (weight 0 there).
+        from_logits: keyword-only. True (default): `y_pred` are logits. False: `y_pred` are
+            probabilities (the output of a softmax), and each token's loss is that of Keras'
+            `SparseCategoricalCrossentropy(from_logits=False)` for class ids, `-log(p[y] / sum(p))` of the
+            probabilities clipped to `[eps, 1 - eps]` (`eps = keras.backend.epsilon()`, 1e-7), and of
+            `CategoricalCrossentropy(from_logits=False)` for probability targets, `-sum(y * log(q))` with
+            `q` each row divided by its sum, then clipped. As in Keras, a `y_pred` that a traced graph
+            (`fit`, `evaluate`, a `tf.function`) computes with a `Softmax` op is replaced by that op's
+            input, so the loss is computed from the logits without clipping; eagerly the probabilities
+            are used as they are. Combines with every option but `softmax_loss_function`, which
+            receives `y_pred` as it is (`ValueError`); `label_smoothing` smooths the targets as for
+            logits. The padding rules hold: padded positions (even `inf` or `NaN`) change neither the
+            loss nor the gradient. With the default, a `y_pred` that looks like probabilities (a
+            `Softmax` op in a traced graph; eagerly, on the first call, rows that are non-negative and
+            sum to 1) gets a warning, once per loss object; the result is unchanged.
         label_smoothing: keyword-only. As in `sequence_loss`.
         epsilon: keyword-only. As in `sequence_loss`.
         implementation: keyword-only. As in `sequence_loss`.
@@ -125,6 +141,7 @@ class SequenceLoss(keras.losses.Loss):
         name: Optional[str] = None,
         dtype=None,
         normalizer=None,
+        from_logits: bool = True,
     ):
         # An unset averaging flag is True, as in contrib, unless a `sum_over_*` flag is set: then
         # `SequenceLoss(sum_over_timesteps=True, sum_over_batch=True)` is TFA's class default.
@@ -137,6 +154,7 @@ class SequenceLoss(keras.losses.Loss):
             average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
             softmax_loss_function, padding_id, label_smoothing, epsilon, implementation,
             allow_tensors=False, normalizer=normalizer)
+        from_logits = check_from_logits(from_logits, softmax_loss_function)
 
         if IS_KERAS_3:
             super().__init__(name=name, reduction=reduction, dtype=dtype)
@@ -152,6 +170,10 @@ class SequenceLoss(keras.losses.Loss):
         self.epsilon = epsilon
         self.implementation = implementation
         self.normalizer = normalizer
+        self.from_logits = from_logits
+        # Warned about probabilities given as logits; checked their values eagerly (once, it costs a pass).
+        self._warned_probabilities = False
+        self._checked_values = False
         self._dtype_argument = dtype
         self._loss_dtype = _dtype_name(dtype)
 
@@ -188,6 +210,7 @@ class SequenceLoss(keras.losses.Loss):
             epsilon=self.epsilon,
             implementation=self.implementation,
             normalizer=self.normalizer,
+            from_logits=self.from_logits,
             dtype=_dtype_config(self._dtype_argument),
         )
         return config
@@ -203,9 +226,17 @@ class SequenceLoss(keras.losses.Loss):
         name = re.sub(r"[^A-Za-z0-9_.\-]", "_", self.name or type(self).__name__).lstrip("_.-")
         return name or "sequence_loss"
 
-    def _weighted_loss(self, y_true, y_pred, sample_weight, *, lengths=None, mask=None, normalizer=None):
+    def _weighted_loss(self, y_true, y_pred, sample_weight, *, lengths=None, mask=None, normalizer=None,
+                       owner: str = "SequenceLoss"):
         if mask is None:
             mask = _keras.get_mask(y_pred)
+        from_logits = self.from_logits
+        if from_logits:
+            self._warn_if_probabilities(y_pred, owner)
+        else:
+            softmax_input = _softmax_input(y_pred)
+            if softmax_input is not None:  # As Keras does: the logits, exact where clipping would not be.
+                y_pred, from_logits = softmax_input, True
         logits = y_pred if isinstance(y_pred, tf.RaggedTensor) else tf.convert_to_tensor(y_pred)
         dtype = tf.as_dtype(self._loss_dtype)
         if logits.dtype.is_floating and dtype not in (tf.float16, tf.bfloat16) and logits.dtype != dtype:
@@ -218,15 +249,39 @@ class SequenceLoss(keras.losses.Loss):
             sum_over_timesteps=self.sum_over_timesteps, sum_over_batch=self.sum_over_batch,
             softmax_loss_function=self.softmax_loss_function, label_smoothing=self.label_smoothing,
             epsilon=self.epsilon, implementation=self.implementation, normalizer=normalizer,
+            from_logits=from_logits, probability_epsilon=keras.backend.epsilon(),
         )
+
+    def _warn_if_probabilities(self, y_pred, owner: str) -> None:
+        """Warns once when `y_pred` looks like probabilities; reads `y_pred` only, never changes the loss."""
+        if self._warned_probabilities:
+            return
+        if _softmax_input(y_pred) is not None:
+            evidence = "was computed by a `Softmax` op"
+        elif tf.executing_eagerly() and not self._checked_values:
+            verdict = _rows_look_like_probabilities(y_pred)
+            if verdict is None:  # No finite row to judge by: look again next time.
+                return
+            self._checked_values = True
+            if not verdict:
+                return
+            evidence = "has rows that are non-negative and sum to 1"
+        else:
+            return
+        self._warned_probabilities = True
+        warnings.warn(
+            f"`{owner}` received `from_logits=True`, but `y_pred` {evidence}: it looks like probabilities, "
+            "not logits, and the loss of probabilities taken as logits stays near log(classes). Pass the "
+            "logits (drop the final softmax), or set `from_logits=False`. (Shown once per loss object.)",
+            UserWarning, stacklevel=4)
 
     @tf.autograph.experimental.do_not_convert
     def _reduced_loss(self, y_true, y_pred, sample_weight, *, lengths=None, mask=None,
-                      scale_for_replicas: bool):
+                      scale_for_replicas: bool, owner: str = "SequenceLoss"):
         """Returns the loss reduced by `reduction`; `scale_for_replicas=False` for `add_loss`, which Keras scales."""
         with tf.name_scope(self._scope_name()):
             loss = self._weighted_loss(y_true, y_pred, sample_weight, lengths=lengths, mask=mask,
-                                       normalizer=self.normalizer)
+                                       normalizer=self.normalizer, owner=owner)
             if loss.shape.rank and self.reduction not in _keras.NO_REDUCTIONS:
                 loss = tf.reduce_sum(loss) if self.reduction == "sum" else tf.reduce_mean(loss)
             if self.normalizer is not None:
@@ -236,6 +291,59 @@ class SequenceLoss(keras.losses.Loss):
             elif scale_for_replicas:
                 loss = _keras.scale_for_replicas(loss, self.reduction)
             return loss
+
+
+def check_from_logits(from_logits, softmax_loss_function) -> bool:
+    """Returns `from_logits` as a bool after checking it and the options it combines with."""
+    if not isinstance(from_logits, (bool, np.bool_)):
+        raise TypeError(
+            "Invalid value for argument `from_logits`. Expected a Python bool. "
+            f"Received: from_logits={from_logits!r}")
+    if not from_logits and softmax_loss_function is not None:
+        raise ValueError(
+            "`from_logits=False` cannot be combined with `softmax_loss_function`: the function receives "
+            "`y_pred` as it is; turn probabilities into what it expects inside it. "
+            f"Received: from_logits=False, softmax_loss_function={softmax_loss_function!r}")
+    return bool(from_logits)
+
+
+# Rows of an eager `y_pred` judged by `_rows_look_like_probabilities`: a bounded, one-off cost.
+_ROWS_CHECKED = 1024
+
+
+def _softmax_input(y_pred):
+    """Returns the logits a traced `Softmax` op turned into `y_pred`, or None.
+
+    The op is known while tracing only (eager tensors keep no op); Keras' own cross-entropies look at the
+    same op. A `Softmax` op always normalises the last axis.
+    """
+    if not isinstance(y_pred, tf.Tensor) or not tf.is_symbolic_tensor(y_pred):
+        return None
+    op = getattr(y_pred, "op", None)
+    if op is None or op.type != "Softmax" or len(op.inputs) != 1:
+        return None
+    return op.inputs[0]
+
+
+def _rows_look_like_probabilities(y_pred) -> Optional[bool]:
+    """Returns whether the first rows of an eager `y_pred` are probabilities (None: no finite row to judge).
+
+    Probabilities: every finite row is non-negative and sums to 1 (within the rounding of its dtype).
+    Rows holding `inf` or `NaN` (e.g. padding) are ignored.
+    """
+    values = y_pred.flat_values if isinstance(y_pred, tf.RaggedTensor) else tf.convert_to_tensor(y_pred)
+    classes = values.shape[-1] if values.shape.rank else None
+    if not values.dtype.is_floating or classes is None or classes < 2:
+        return False
+    rows = tf.reshape(values, [-1, classes])[:_ROWS_CHECKED]
+    tolerance = 1e-2 if values.dtype in (tf.float16, tf.bfloat16) else 1e-3
+    rows = tf.cast(rows, tf.float64 if values.dtype == tf.float64 else tf.float32)
+    finite = tf.reduce_all(tf.math.is_finite(rows), axis=-1)
+    probability = tf.logical_and(tf.reduce_min(rows, axis=-1) >= 0,
+                                 tf.abs(tf.reduce_sum(rows, axis=-1) - 1) <= tolerance)
+    if not bool(tf.reduce_any(finite)):
+        return None
+    return bool(tf.reduce_all(tf.logical_or(probability, tf.logical_not(finite))))
 
 
 def standardize_targets(y_true, logits):

@@ -96,9 +96,10 @@ class SequenceLossLayer(keras.layers.Layer):
 
     Args:
         average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
-        softmax_loss_function, padding_id, label_smoothing, epsilon, implementation, reduction: as in
-            `tf_seqloss.SequenceLoss` (same defaults), except that `reduction` must give a scalar
-            (`"sum_over_batch_size"` or `"sum"`).
+        softmax_loss_function, padding_id, label_smoothing, epsilon, implementation, reduction,
+        from_logits: as in `tf_seqloss.SequenceLoss` (same defaults), except that `reduction` must give a
+            scalar (`"sum_over_batch_size"` or `"sum"`). With `from_logits=False`, `logits` are
+            probabilities (the output of a softmax), and the layer returns them unchanged.
         normalizer: as in `tf_seqloss.SequenceLoss`: `"global"` makes `fit` under a `tf.distribute` strategy
             train on the global token mean of each batch (the layer hands `add_loss` its replica's share
             times the replicas, which both Kerases divide by).
@@ -138,6 +139,7 @@ class SequenceLossLayer(keras.layers.Layer):
         implementation: str = "auto",
         reduction="sum_over_batch_size",
         normalizer=None,
+        from_logits: bool = True,
         **kwargs,
     ):
         if reduction in (None, "none"):
@@ -153,7 +155,7 @@ class SequenceLossLayer(keras.layers.Layer):
             average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
             softmax_loss_function, padding_id=padding_id, label_smoothing=label_smoothing,
             epsilon=epsilon, implementation=implementation, reduction=reduction, normalizer=normalizer,
-            name=self.name + "_loss",
+            from_logits=from_logits, name=self.name + "_loss",
         )
         self.average_across_timesteps = self._sequence_loss.average_across_timesteps
         self.average_across_batch = self._sequence_loss.average_across_batch
@@ -166,6 +168,7 @@ class SequenceLossLayer(keras.layers.Layer):
         self.implementation = implementation
         self.reduction = reduction
         self.normalizer = self._sequence_loss.normalizer
+        self.from_logits = self._sequence_loss.from_logits
 
     def call(self, logits, targets, weights=None, lengths=None, mask=None):
         if self.normalizer == distribute.GLOBAL and _keras.IS_KERAS_3 and distribute.replicas_in_sync() > 1:
@@ -178,7 +181,8 @@ class SequenceLossLayer(keras.layers.Layer):
                 "or read `tf_seqloss.TokenPerplexity` (its log is the token mean).", stacklevel=2)
         # Both Kerases divide `add_loss` losses by the number of replicas themselves.
         self.add_loss(self._sequence_loss._reduced_loss(
-            targets, logits, weights, lengths=lengths, mask=mask, scale_for_replicas=False))
+            targets, logits, weights, lengths=lengths, mask=mask, scale_for_replicas=False,
+            owner="SequenceLossLayer"))
         return logits
 
     def compute_output_shape(self, logits_shape, *args, **kwargs):
@@ -192,7 +196,7 @@ class SequenceLossLayer(keras.layers.Layer):
         loss_config = self._sequence_loss.get_config()
         for key in ("average_across_timesteps", "average_across_batch", "sum_over_timesteps", "sum_over_batch",
                     "softmax_loss_function", "padding_id", "label_smoothing", "epsilon", "implementation",
-                    "reduction", "normalizer"):
+                    "reduction", "normalizer", "from_logits"):
             config[key] = loss_config[key]
         return config
 

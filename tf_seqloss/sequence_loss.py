@@ -175,7 +175,7 @@ def compute_sequence_loss(logits, targets, *, weights=None, sample_weight=None, 
                           mask=None, average_across_timesteps=True, average_across_batch=True,
                           sum_over_timesteps=False, sum_over_batch=False, softmax_loss_function=None,
                           label_smoothing=0.0, epsilon=None, implementation="auto", normalizer=None,
-                          z_loss=0.0):
+                          z_loss=0.0, from_logits=True, probability_epsilon=1e-7):
     """`sequence_loss` on options `check_options` has passed, also taking Keras' `sample_weight` and mask.
 
     The path every public face of the loss takes (the function, `SequenceLoss`, `SequenceLossLayer`):
@@ -184,7 +184,8 @@ def compute_sequence_loss(logits, targets, *, weights=None, sample_weight=None, 
     """
     tokens = token_losses(logits, targets, weights=weights, sample_weight=sample_weight, lengths=lengths,
                           padding_id=padding_id, mask=mask, softmax_loss_function=softmax_loss_function,
-                          label_smoothing=label_smoothing, implementation=implementation, z_loss=z_loss)
+                          label_smoothing=label_smoothing, implementation=implementation, z_loss=z_loss,
+                          from_logits=from_logits, probability_epsilon=probability_epsilon)
     return _reduce(tokens.weighted, tokens.weights, average_across_timesteps, average_across_batch,
                    sum_over_timesteps, sum_over_batch, epsilon, normalizer)
 
@@ -200,8 +201,14 @@ class TokenLosses(NamedTuple):
 
 def token_losses(logits, targets, *, weights=None, sample_weight=None, lengths=None, padding_id=None, mask=None,
                  softmax_loss_function=None, label_smoothing=0.0, implementation="auto",
-                 z_loss=0.0) -> TokenLosses:
-    """Returns the `[batch, time]` weighted token losses `w * ce` and the token weights `w` (also the metrics')."""
+                 z_loss=0.0, from_logits=True, probability_epsilon=1e-7) -> TokenLosses:
+    """Returns the `[batch, time]` weighted token losses `w * ce` and the token weights `w` (also the metrics').
+
+    `from_logits=False` (the Keras faces only) takes `logits` as probabilities, as Keras' cross-entropies
+    do with `from_logits=False`, clipped to `[probability_epsilon, 1 - probability_epsilon]`.
+    """
+    if not from_logits and (softmax_loss_function is not None or not _checks.is_zero(z_loss)):
+        raise ValueError("`from_logits=False` cannot be combined with `softmax_loss_function` or `z_loss`.")
     ragged = weights_lib.densify_ragged(logits, targets, weights)
     logits = tf.convert_to_tensor(ragged.logits, name="logits")
     targets = tf.convert_to_tensor(ragged.targets, name="targets")
@@ -233,6 +240,13 @@ def token_losses(logits, targets, *, weights=None, sample_weight=None, lengths=N
     if softmax_loss_function is not None:
         _check_custom_loss(softmax_loss_function)
         weighted = cross_entropy.custom_cross_entropy(softmax_loss_function, logits, targets, token_weights, dtype)
+    elif not from_logits and dense:
+        weighted = cross_entropy.dense_cross_entropy_of_probabilities(
+            logits, targets, token_weights, epsilon=probability_epsilon, label_smoothing=label_smoothing)
+    elif not from_logits:
+        weighted = cross_entropy.sparse_cross_entropy_of_probabilities(
+            logits, targets, token_weights, epsilon=probability_epsilon, label_smoothing=label_smoothing,
+            implementation=implementation)
     elif dense:
         weighted = cross_entropy.dense_cross_entropy(logits, targets, token_weights,
                                                      label_smoothing=label_smoothing, z_loss=z_loss)
