@@ -69,8 +69,8 @@ def in_safe_mode() -> bool:
     `deserialize_keras_object(..., safe_mode=...)` set while they call `from_config` (Keras 3 in a global,
     tf_keras per thread), and that `keras.config.enable_unsafe_deserialization()` (tf_keras:
     `keras.__internal__.enable_unsafe_deserialization()`) clears. Outside any of them (a direct
-    `from_config`, a legacy `.h5` or SavedModel load) it is unset, and unset means safe: Keras' own
-    `deserialize_keras_object` defaults to `safe_mode=True` too.
+    `from_config`, tf_keras' legacy `.h5` or SavedModel load) it is unset, and unset means safe: Keras'
+    own `deserialize_keras_object` defaults to `safe_mode=True` too.
     """
     try:
         if IS_KERAS_3:
