@@ -18,6 +18,12 @@ options.
 `--replicas N` trains either route on N logical CPUs under `MirroredStrategy`, normalised exactly over the
 replicas: `fit` with `SequenceLoss(normalizer="global")`, the loop dividing by the whole batch's sequences;
 both report `TokenPerplexity` and `TokenAccuracy`, exact over the replicas and batches.
+
+Every file the example writes replaces its previous version in one step (`write_atomically`), so an
+interruption at any moment leaves either the old file or the new one. The checkpoint also records the
+run's settings and its history rows, so a `config.json` or `history.csv` found damaged or missing on
+resume is rebuilt from it, with a `RunStateWarning`; leftovers of an interrupted write or checkpoint save
+are removed when the next run starts.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -36,6 +43,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -44,6 +52,7 @@ import tensorflow as tf
 
 import tf_seqloss
 from examples.seq2seq import data
+from examples.seq2seq.files import RunFileError, RunStateWarning, remove_leftovers, replace_folder, write_atomically
 from examples.seq2seq.model import FLAVOUR, Seq2SeqModel, export_saved_model, keras
 
 ROUTES = ("fit", "loop")
@@ -120,59 +129,229 @@ class Result:
     decoded: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # `--decode`: (text, iso)
 
 
+# The files of a run directory, each replaced whole by `write_atomically`.
+STATE_FILES = ("config.json", "history.csv", "metrics.json", "loss.png")
+# `--decode` refuses longer texts. The generator's longest source is 38 characters (`segunda-feira, 20 de
+# fevereiro de 1967`): the cap leaves room for five times that, and keeps a stray paste of a whole file
+# from running the encoder for minutes (100 kB took 71 s and 0.93 GB).
+MAX_DECODE_CHARS = 200
+
+
+class InvalidTextError(ValueError):
+    """A `--decode` text that the model cannot take (not UTF-8, or too long)."""
+
+
+def check_decode_texts(texts: Sequence[str]) -> None:
+    """Raises `InvalidTextError` unless every text is UTF-8 and at most `MAX_DECODE_CHARS` characters.
+
+    A command-line argument that is not valid UTF-8 reaches Python as a string with lone surrogates
+    (`surrogateescape`), which TensorFlow refuses with a traceback; the message shows its bytes instead."""
+    for number, text in enumerate(texts, 1):
+        try:
+            if isinstance(text, bytes):  # as `tf.constant` takes them
+                text = text.decode("utf-8")
+            else:
+                text.encode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            if isinstance(text, bytes):
+                raw = text
+            else:
+                raw = text.encode("utf-8", "surrogateescape" if _only_escaped_bytes(text) else "backslashreplace")
+            try:
+                raw.decode("utf-8")
+                where = ""
+            except UnicodeDecodeError as error:
+                where = f" (byte 0x{raw[error.start]:02x} at position {error.start} is not UTF-8)"
+            raise InvalidTextError(
+                f"Invalid value for argument `--decode`. Expected UTF-8 text. Received: text {number} = "
+                f"{_excerpt(raw)}{where}") from None
+        if len(text) > MAX_DECODE_CHARS:
+            raise InvalidTextError(
+                f"Invalid value for argument `--decode`. Expected at most {MAX_DECODE_CHARS} characters per "
+                f"text (about five times the longest date the model is trained on). Received: text {number} "
+                f"of {len(text)} characters, {_excerpt(text)}")
+
+
+def _only_escaped_bytes(text: str) -> bool:
+    """Whether every surrogate in `text` is one of the `surrogateescape` ones (U+DC80-U+DCFF)."""
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
+def _excerpt(value, limit: int = 60) -> str:
+    """Returns the `repr` of `value`'s first `limit` characters or bytes, with `...` if there are more."""
+    return repr(value[:limit]) + ("..." if len(value) > limit else "")
+
+
+# The checkpoint's copy of `config.json` and `history.csv` (a JSON string variable): what rebuilds them.
+_RECORD = "run_record"
+_RECORD_KEY = f"{_RECORD}/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def _checkpoint_record(latest: Optional[str]) -> Optional[dict]:
+    """Returns the record that checkpoint `latest` holds (`{"settings": ..., "history": [...]}`), or None:
+    no checkpoint, one written by an earlier version of the example (it has no record), or unreadable."""
+    if not latest:
+        return None
+    try:
+        reader = tf.train.load_checkpoint(latest)
+        if not reader.has_tensor(_RECORD_KEY):
+            return None
+        record = json.loads(reader.get_tensor(_RECORD_KEY))
+    except (tf.errors.OpError, ValueError):  # restoring it says what is wrong
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _read_history(path: Path) -> Tuple[List[Dict[str, float]], Optional[str]]:
+    """Returns `(rows, problem)`: the well-formed rows of `history.csv` from its start, and what is wrong
+    with the file (None if nothing)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return [], "is missing"
+    except UnicodeDecodeError:
+        return [], "is damaged (not UTF-8 text)"
+    except OSError as error:
+        return [], f"cannot be read ({error.strerror or error})"
+    if not text.strip():
+        return [], "is empty"
+    lines = text.splitlines(keepends=True)
+    cut = not text.endswith("\n")  # every row ends in a line break; a missing one means a torn write
+    reader = csv.reader(lines[:-1] if cut else lines)
+    header = next(reader, [])
+    if tuple(header) != HISTORY_FIELDS:
+        return [], f"is damaged (its header is {_excerpt(','.join(header))})"
+    rows = []
+    for values in reader:
+        try:
+            if len(values) != len(HISTORY_FIELDS):
+                raise ValueError
+            # int(float()) also reads the `1.0` epochs that earlier versions wrote after a resume.
+            row = {key: int(float(value)) if key == "epoch" else float(value)
+                   for key, value in zip(HISTORY_FIELDS, values)}
+            if row["epoch"] != len(rows) + 1:
+                raise ValueError
+        except ValueError:
+            return rows, f"is damaged (line {len(rows) + 2} is {_excerpt(','.join(values))})"
+        rows.append(row)
+    if cut:
+        return rows, f"is damaged (line {len(rows) + 2} is cut off)"
+    return rows, None
+
+
 class _RunState:
     """The checkpoint and history of one run directory."""
 
     def __init__(self, config: Config, model: Seq2SeqModel, optimizer):
         self.dir = config.route_dir
+        self.settings = config.settings()
         self.history_path = self.dir / "history.csv"
+        self.model, self.optimizer = model, optimizer
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=self.epoch)
+        self.record = tf.Variable("", dtype=tf.string, trainable=False, name=_RECORD)
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=self.epoch, **{_RECORD: self.record})
         self.manager = tf.train.CheckpointManager(checkpoint, str(self.dir / "checkpoints"), max_to_keep=2)
         self.history: List[Dict[str, float]] = []
         self.saved_epochs = 0  # epochs in the latest checkpoint
         self.epoch_in_progress = 0  # 1-based, 0 outside training; with `step`, where an interruption hit
         self.step = 0
 
-    def restore(self) -> int:
-        """Restores the last finished epoch, if any; returns how many epochs are done."""
+    def restore(self, write: bool = True) -> int:
+        """Restores the last finished epoch, if any; returns how many epochs are done.
+
+        A `history.csv` that is damaged, missing or short of the checkpoint's epochs is rebuilt from the
+        checkpoint (and rewritten unless `write=False`), with a `RunStateWarning`."""
         latest = self.manager.latest_checkpoint
+        record = _checkpoint_record(latest)
         if latest:
+            # A checkpoint of an earlier version of the example holds no record: restored without one.
+            root = self.manager.checkpoint if record is not None else tf.train.Checkpoint(
+                model=self.model, optimizer=self.optimizer, epoch=self.epoch)
             try:
-                self.manager.checkpoint.restore(latest).assert_existing_objects_matched()
+                root.restore(latest).assert_existing_objects_matched()
             except (ValueError, AssertionError, tf.errors.OpError) as error:
                 # `config.json` matched, so the checkpoint was written by other code or copied in.
                 raise RunSettingsError(
                     f"The checkpoint {latest} does not fit the model of these settings (keras={FLAVOUR!r}): "
                     f"{str(error).splitlines()[0]} Pass `--fresh` to start the run again, or another "
                     "`--run-dir`.") from None
+            if record is not None and record.get("settings") != self.settings:
+                raise RunSettingsError(
+                    f"The checkpoint {latest} was written with other settings: "
+                    f"{_describe_changes(record.get('settings'), self.settings)}. Pass `--fresh` to start the "
+                    "run again, or another `--run-dir`.")
         done = self.saved_epochs = int(self.epoch.numpy())
-        if self.history_path.exists():
-            with open(self.history_path, newline="") as f:
-                # int(float()) also reads the `1.0` epochs that earlier versions wrote after a resume.
-                rows = [{key: int(float(value)) if key == "epoch" else float(value) for key, value in row.items()}
-                        for row in csv.DictReader(f)]
-            # A row written just before an interruption has no checkpoint: that epoch is trained again.
-            self.history = rows[:done]
-        if len(self.history) != done:
-            raise RuntimeError(f"{self.history_path} has {len(self.history)} epochs for a checkpoint of "
-                               f"{done}; start again with `--fresh`.")
+        self.history = self._recover_history(done, latest, record, write)
         return done
+
+    def _recover_history(self, done: int, latest: Optional[str], record: Optional[dict],
+                         write: bool) -> List[Dict[str, float]]:
+        rows, problem = _read_history(self.history_path)
+        # A row written just before an interruption has no checkpoint: that epoch is trained again.
+        kept = rows[:done]
+        recorded = record.get("history") if record is not None else None
+        if isinstance(recorded, list) and len(recorded) >= done:
+            history = [{key: int(row[key]) if key == "epoch" else float(row[key]) for key in HISTORY_FIELDS}
+                       for row in recorded[:done]]
+            if json.dumps(kept) == json.dumps(history):  # (NaN compares equal as JSON text)
+                return history
+            if problem is None:
+                problem = (f"holds {len(rows)} epoch rows for a checkpoint of {done}" if len(rows) < done
+                           else "differs from the losses recorded in the checkpoint")
+            done_what = "rebuilt" if write else "read (not rewritten: `--decode` writes nothing)"
+            message = f"{self.history_path} {problem}; its {done} epoch rows are {done_what} from {latest}."
+        else:
+            if len(kept) == done:
+                return kept
+            if problem is None:
+                problem = f"holds {len(rows)} epoch rows for a checkpoint of {done}"
+            lost = range(len(kept) + 1, done + 1)
+            epochs = f"epoch {lost[0]}" if len(lost) == 1 else f"epochs {lost[0]}-{lost[-1]}"
+            history = kept + [dict(epoch=epoch, loss=math.nan, val_loss=math.nan, seconds=math.nan) for epoch in lost]
+            message = (f"{self.history_path} {problem}, and {latest} (written by an earlier version of the "
+                       f"example) does not record the losses: {epochs} cannot be rebuilt and "
+                       f"{'are' if len(lost) > 1 else 'is'} kept as rows without values (nan). Training "
+                       f"continues from the checkpoint.")
+        warnings.warn(message, RunStateWarning, stacklevel=2)
+        if write:
+            self._write_history(history)
+        return history
+
+    def _write_history(self, history: Sequence[Dict[str, float]]) -> None:
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        writer.writerows(history)
+        write_atomically(self.history_path, text.getvalue())
 
     def finish_epoch(self, loss: float, val_loss: float, seconds: float) -> None:
         """Records a finished epoch: its history row first, then the checkpoint that makes it count.
 
-        Ctrl-C is held back until the record is complete, so that the files on disk and what the
-        interruption message says about them always agree."""
+        The checkpoint carries the settings and every history row too, so that `config.json` and
+        `history.csv` can be rebuilt from it. Ctrl-C is held back until the record is complete, so that
+        the files on disk and what the interruption message says about them always agree."""
         with _ctrl_c_deferred():
-            self.history.append(dict(epoch=len(self.history) + 1, loss=loss, val_loss=val_loss, seconds=seconds))
-            with open(self.history_path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
-                writer.writeheader()
-                writer.writerows(self.history)
+            history = self.history + [dict(epoch=len(self.history) + 1, loss=loss, val_loss=val_loss,
+                                           seconds=seconds)]
+            self._write_history(history)
+            self.history = history
+            self.record.assign(json.dumps({"settings": self.settings, "history": history}))
             self.epoch.assign(len(self.history))
-            self.manager.save(checkpoint_number=len(self.history))
+            with _checkpoint_write_errors(self.manager.directory):
+                self.manager.save(checkpoint_number=len(self.history))
             self.saved_epochs = len(self.history)
+
+
+@contextlib.contextmanager
+def _checkpoint_write_errors(where):
+    """Turns TensorFlow's error for a checkpoint or SavedModel it could not write (read-only folder, full
+    disk) into a one-line `RunFileError`."""
+    try:
+        yield
+    except tf.errors.OpError as error:
+        message = (error.message or str(error)).strip().splitlines()[0]
+        raise RunFileError(f"Could not write {where}: {message}. The previous checkpoint, if any, is "
+                           "unchanged.") from None
 
 
 @contextlib.contextmanager
@@ -195,28 +374,97 @@ class RunSettingsError(ValueError):
     """A run directory holds a run with other settings."""
 
 
-def prepare_run_dir(config: Config, write: bool = True) -> None:
+def _describe_changes(recorded, settings: Dict[str, object]) -> str:
+    recorded = recorded if isinstance(recorded, dict) else {}
+    return ", ".join(f"{key}={value!r} (was {recorded.get(key)!r})" for key, value in settings.items()
+                     if recorded.get(key) != value)
+
+
+def _read_settings(path: Path) -> Tuple[Optional[dict], Optional[str]]:
+    """Returns `(settings, problem)` of `config.json`: `(None, None)` if it is missing, `(None, what is
+    wrong)` if it is damaged."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return None, None
+    except UnicodeDecodeError:
+        return None, "is damaged (not UTF-8 text)"
+    except OSError as error:
+        return None, f"cannot be read ({error.strerror or error})"
+    if not text.strip():
+        return None, "is empty"
+    try:
+        settings = json.loads(text)
+    except ValueError as error:
+        return None, f"is damaged ({error})"
+    if not isinstance(settings, dict):
+        return None, f"is damaged (a JSON {type(settings).__name__}, not an object)"
+    return settings, None
+
+
+def prepare_run_dir(config: Config, write: bool = True) -> bool:
     """Creates the run directory, or checks that the one there was made with the same settings.
 
-    With `write=False` it only checks: the run directory must exist, and nothing is written."""
+    A `config.json` that is damaged or missing beside a checkpoint is rebuilt from the settings the
+    checkpoint records, with a `RunStateWarning`. A checkpoint written by an earlier version of the example
+    records none: the settings are then this run's, and only restoring the checkpoint can check them (the
+    model's shape), so `config.json` is left to be written once it is restored (`restore_run` does).
+    With `write=False` it only checks: the run directory must exist, and nothing is written.
+
+    Returns:
+        Whether `config.json` is still to be written once the checkpoint is restored."""
     path = config.route_dir / "config.json"
     settings = config.settings()
-    if not write and not path.exists():
-        raise RunSettingsError(f"There is no run in {config.route_dir} to decode with (Keras flavour "
-                               f"{FLAVOUR!r}); train it first with the same options, without `--decode`.")
     if config.fresh and config.route_dir.exists():
-        shutil.rmtree(config.route_dir)
-    if path.exists():
-        recorded = json.loads(path.read_text())
-        changed = {key: (recorded.get(key), value) for key, value in settings.items()
-                   if recorded.get(key) != value}
-        if changed:
-            described = ", ".join(f"{key}={new!r} (was {old!r})" for key, (old, new) in changed.items())
-            raise RunSettingsError(f"{config.route_dir} holds a run with other settings: {described}. Pass "
-                                   "`--fresh` to start it again, or another `--run-dir`.")
-    if write:
-        config.route_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+        try:
+            shutil.rmtree(config.route_dir)
+        except OSError as error:
+            raise RunFileError(f"Could not remove {config.route_dir} for `--fresh`: "
+                               f"{error.strerror or error}.") from None
+    recorded, problem = _read_settings(path)
+    unverified = False
+    if recorded is None:
+        latest = tf.train.latest_checkpoint(str(config.route_dir / "checkpoints"))
+        if latest:
+            record = _checkpoint_record(latest)
+            recorded = record.get("settings") if record is not None else None
+            if not isinstance(recorded, dict):
+                recorded = None
+            state = problem or "is missing"
+            if recorded is not None:
+                source = f"from the settings recorded in {latest}"
+            else:
+                unverified = True
+                source = (f"from these settings: {latest} was written by an earlier version of the example, "
+                          "which recorded none, so only the model's shape is checked against it")
+            action = "rebuilt" if write else "read (not rewritten: `--decode` writes nothing)"
+            warnings.warn(f"{path} {state}; {action} {source}.", RunStateWarning, stacklevel=2)
+        elif not write:
+            raise RunSettingsError(f"There is no run in {config.route_dir} to decode with (Keras flavour "
+                                   f"{FLAVOUR!r}); train it first with the same options, without `--decode`.")
+        elif problem is not None:
+            warnings.warn(f"{path} {problem}, and there is no checkpoint beside it; written again from these "
+                          "settings.", RunStateWarning, stacklevel=2)
+    if recorded is not None and any(recorded.get(key) != value for key, value in settings.items()):
+        raise RunSettingsError(f"{config.route_dir} holds a run with other settings: "
+                               f"{_describe_changes(recorded, settings)}. Pass `--fresh` to start it again, or "
+                               "another `--run-dir`.")
+    if write and not unverified:
+        write_settings(config)
+    return write and unverified
+
+
+def write_settings(config: Config) -> None:
+    """Writes the run's `config.json`, creating its folder."""
+    _make_folder(config.route_dir)
+    write_atomically(config.route_dir / "config.json", json.dumps(config.settings(), indent=2) + "\n")
+
+
+def _make_folder(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunFileError(f"Could not create {path}: {error.strerror or error}.") from None
 
 
 def make_optimizer(config: Config):
@@ -259,11 +507,19 @@ def make_strategy(replicas: int):
     return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
 
 
-def restore_run(config: Config, write: bool = True) -> Run:
+def restore_run(config: Config, write: bool = True, log: Callable[[str], None] = print) -> Run:
     """Returns the run `config` describes, restored from its last checkpoint if it has one.
 
-    With `write=False` the run must exist and nothing is written (see `prepare_run_dir`)."""
-    prepare_run_dir(config, write=write)  # settings checked before the data is generated
+    What an interrupted run left behind is removed first (`remove_leftovers`, one `log` line each), and a
+    damaged or missing `config.json` or `history.csv` is rebuilt from the checkpoint with a
+    `RunStateWarning`. With `write=False` the run must exist and nothing is written or removed (see
+    `prepare_run_dir`)."""
+    settings_pending = prepare_run_dir(config, write=write)  # settings checked before the data is generated
+    if write:
+        keras_name, export_name = saved_model_names(config)
+        files = [config.route_dir / name for name in STATE_FILES] + [config.saved_models_path / keras_name]
+        remove_leftovers(config.route_dir / "checkpoints", files=files,
+                         folders=[config.saved_models_path / export_name], log=log)
     strategy = make_strategy(config.replicas)
     train_examples, validation_examples, test_examples, vocabulary = load_task(config)
     with strategy.scope():
@@ -281,7 +537,9 @@ def restore_run(config: Config, write: bool = True) -> Run:
                 model.compile(optimizer=optimizer, loss=tf_seqloss.SequenceLoss(normalizer="global"),
                               metrics=[tf_seqloss.TokenPerplexity(), tf_seqloss.TokenAccuracy()])
     state = _RunState(config, model, optimizer)
-    done = state.restore()
+    done = state.restore(write=write)
+    if settings_pending:  # the checkpoint fits these settings' model: they are the run's
+        write_settings(config)
     return Run(train_examples, validation_examples, test_examples, model, optimizer, state, done)
 
 
@@ -323,7 +581,7 @@ def train(config: Config, on_batch_end: Optional[Callable[[Seq2SeqModel, int, in
     started = time.perf_counter()
     stage, state, steps = "generating the data and building the model", None, 0
     try:
-        run = restore_run(config)
+        run = restore_run(config, log=log)
         train_examples, validation_examples, test_examples = (
             run.train_examples, run.validation_examples, run.test_examples)
         model, optimizer, state, done = run.model, run.optimizer, run.state, run.done
@@ -364,12 +622,18 @@ def _evaluate_and_report(config: Config, model: Seq2SeqModel, state: _RunState, 
     log(f"held-out token accuracy {metrics['token_accuracy']:.2%}, exact-sequence accuracy "
         f"{metrics['sequence_accuracy']:.2%} on {len(test_examples)} test examples{suffix}")
     if record:  # for the other head's run of this route to compare with (decoding writes nothing)
-        (config.route_dir / "metrics.json").write_text(json.dumps(metrics) + "\n")
+        write_atomically(config.route_dir / "metrics.json", json.dumps(metrics) + "\n")
     other_head = dict(dense="fused", fused="dense")[config.head]
     other = config.route_dir.parent / dataclasses.replace(config, head=other_head).route_dir.name / "metrics.json"
     if other.exists():
-        log(f"  the {'default' if config.head == 'fused' else 'fused'} head's run: token accuracy "
-            f"{json.loads(other.read_text())['token_accuracy']:.2%} ({other})")
+        try:
+            accuracy = float(json.loads(other.read_bytes())["token_accuracy"])
+        except (OSError, ValueError, TypeError, KeyError):  # only a comparison: never a reason to stop
+            warnings.warn(f"{other} is damaged; it is rewritten when that run is evaluated again.",
+                          RunStateWarning, stacklevel=2)
+        else:
+            log(f"  the {'default' if config.head == 'fused' else 'fused'} head's run: token accuracy "
+                f"{accuracy:.2%} ({other})")
     for example, prediction in list(zip(test_examples, predictions))[:config.samples]:
         mark = "ok" if prediction == example.target else f"expected {example.target}"
         log(f"  {example.source!r:45} -> {prediction}   ({example.locale}, {mark})")
@@ -379,11 +643,13 @@ def _evaluate_and_report(config: Config, model: Seq2SeqModel, state: _RunState, 
 def decode(config: Config, texts: Sequence[str], log: Callable[[str], None] = print) -> Result:
     """Restores the run's last finished epoch, evaluates it and decodes `texts`; trains and writes nothing.
 
-    Raises `RunSettingsError` if the run directory holds no finished epoch of these settings."""
+    Raises `RunSettingsError` if the run directory holds no finished epoch of these settings, and
+    `InvalidTextError` if a text is not UTF-8 or longer than `MAX_DECODE_CHARS` characters."""
     if config.fresh:
         raise RunSettingsError("`--decode` only reads the run; it cannot be combined with `--fresh`. "
                                "Received: --fresh --decode")
-    run = restore_run(config, write=False)
+    check_decode_texts(texts)  # before the run is restored: a refused text costs nothing
+    run = restore_run(config, write=False, log=log)
     if not run.done:
         raise RunSettingsError(f"{config.route_dir} holds no finished epoch to decode with; train it first "
                                "with the same options, without `--decode`.")
@@ -540,22 +806,30 @@ def plot_history(history: Sequence[Dict[str, float]], path: Path, route: str) ->
     axes.set_title(f"Dates to ISO 8601, route `{route}`")
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        write_atomically(path, lambda temp: figure.savefig(temp, dpi=100))
+    finally:
+        plt.close(figure)
     return path
+
+
+def saved_model_names(config: Config) -> Tuple[str, str]:
+    """Returns the names of the `.keras` file and of the SavedModel folder in `config.saved_models_path`."""
+    stem = f"{config.model_name}_{config.route_dir.name}"
+    return f"{stem}.keras", f"{stem}_savedmodel"
 
 
 def save_model(model: Seq2SeqModel, config: Config, check_examples, log=print):
     """Saves `<flavour>/<name>_<route>.keras` and the `<name>_<route>_savedmodel` export under
     `saved_models_dir`; checks that both decode as `model` does."""
     folder = config.saved_models_path
-    folder.mkdir(parents=True, exist_ok=True)
-    keras_path = folder / f"{config.model_name}_{config.route_dir.name}.keras"
-    saved_model_path = folder / f"{config.model_name}_{config.route_dir.name}_savedmodel"
-    model.save(str(keras_path))
-    if saved_model_path.exists():
-        shutil.rmtree(saved_model_path)
-    export_saved_model(model, saved_model_path)
+    _make_folder(folder)
+    keras_name, export_name = saved_model_names(config)
+    keras_path, saved_model_path = folder / keras_name, folder / export_name
+    # Each replaces the previous one in one step: an interrupted save leaves the previous model in place.
+    write_atomically(keras_path, lambda temp: model.save(str(temp)))
+    with _checkpoint_write_errors(saved_model_path):
+        replace_folder(saved_model_path, lambda temp: export_saved_model(model, temp))
 
     texts = tf.constant([e.source for e in check_examples[:256]])
     expected = model.translate(texts).numpy()
@@ -624,8 +898,18 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-save", dest="save", action="store_false", help="do not write saved_models/")
     parser.add_argument("--decode", nargs="+", metavar="TEXT", default=(),
                         help="restore the run's last finished epoch, evaluate it and decode these texts, "
-                             "e.g. --decode '3 mars 1999'; trains nothing and writes nothing")
+                             "e.g. --decode '3 mars 1999'; trains nothing and writes nothing. Each TEXT is "
+                             f"UTF-8 of at most {MAX_DECODE_CHARS} characters (about five times the longest "
+                             "date the model is trained on)")
     return parser
+
+
+def _show_warning(prog, show, message, category, filename, lineno, file=None, line=None):
+    """Shows a `RunStateWarning` as one line, `<prog>: warning: <message>`; other warnings as Python does."""
+    if issubclass(category, RunStateWarning):
+        print(f"{prog}: warning: {message}", file=sys.stderr if file is None else file, flush=True)
+    else:
+        show(message, category, filename, lineno, file, line)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Result:
@@ -640,9 +924,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Result:
     except ValueError as error:
         parser.error(str(error))
     try:
-        return decode(config, texts) if texts else train(config, save=save)
-    except RunSettingsError as error:
+        with warnings.catch_warnings():  # restores `showwarning` on the way out
+            warnings.showwarning = functools.partial(_show_warning, parser.prog, warnings.showwarning)
+            return decode(config, texts) if texts else train(config, save=save)
+    except (RunSettingsError, InvalidTextError) as error:
         parser.error(str(error))
+    except RunFileError as error:  # not a usage error: the message alone, and status 1
+        print(f"{parser.prog}: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     except KeyboardInterrupt as interrupt:
         sys.stdout.write("\n")  # end a progress bar's line
         sys.stdout.flush()
