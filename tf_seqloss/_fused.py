@@ -44,17 +44,43 @@ import tensorflow as tf
 
 from tf_seqloss import _checks
 
-try:  # The same test `tf.TensorArray` and `tf.while_loop` use to see they are being compiled by XLA.
-    from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext as _graph_in_xla
-except ImportError:  # pragma: no cover - private API; without it the compiled kernels are used (inlined).
-    _graph_in_xla = None
+
+def find_xla_detector():
+    """Returns a function telling whether the ops being built now will be compiled by XLA, or None.
+
+    TensorFlow has no public API for this. Two routes, tried in turn: `tf.__internal__.
+    get_enclosing_xla_context`, exported for Keras (tf_keras' batch normalisation asks it), and the private
+    `control_flow_util.GraphOrParentsInXlaContext` that `tf.TensorArray` and `tf.while_loop` ask. Both
+    walk the graph's control-flow contexts, and the graphs it is nested in, for the context that
+    `tf.function(jit_compile=True)` enters while tracing. None when this TensorFlow has neither: see
+    `in_xla_compilation`.
+    """
+    exported = getattr(getattr(tf, "__internal__", None), "get_enclosing_xla_context", None)
+    if exported is not None:
+        return lambda: exported() is not None
+    try:
+        from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
+    except ImportError:
+        return None
+    return lambda: bool(GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
-def in_xla_compilation() -> bool:
-    """True while tracing a function that XLA compiles (`jit_compile=True`, or a Keras model compiled so)."""
-    if tf.executing_eagerly() or _graph_in_xla is None:
+_xla_detector = find_xla_detector()
+
+
+def in_xla_compilation(unknown: bool = False) -> bool:
+    """True while tracing a function that XLA compiles (`jit_compile=True`, or a Keras model compiled so).
+
+    Returns `unknown` when this TensorFlow offers no way to tell (`find_xla_detector`) while a graph is
+    being built. Callers that only choose the faster of two correct formulations keep the default,
+    False; a caller whose formulation would be wrong under XLA passes `unknown=True` and builds the one
+    that is right in both.
+    """
+    if tf.executing_eagerly():
         return False
-    return bool(_graph_in_xla(tf.compat.v1.get_default_graph()))
+    if _xla_detector is None:
+        return unknown
+    return _xla_detector()
 
 
 def accelerator_visible() -> bool:
