@@ -60,9 +60,8 @@ except ImportError:
 _LAYOUT_HIDDEN = "[batch, time, features]"
 
 # Automatic chunking keeps the float32 logits of one chunk near this many elements (8 MiB), with a
-# chunk of at least MIN_CHUNK tokens so that the matmuls of a chunk stay efficient (measured at 8192
-# tokens x 512 features: 256 tokens at 8192 classes beat 128 and 512 in time and memory, in both modes;
-# at 32768 and 131072 classes 128 tokens beat 64).
+# chunk of at least MIN_CHUNK tokens so that the matmuls of a chunk stay efficient: the sizes that were
+# fastest and leanest in both modes (benchmarks/README.md, "The fused head").
 CHUNK_ELEMENTS = 2 ** 21
 MIN_CHUNK = 128
 MAX_CHUNK = 4096
@@ -424,10 +423,10 @@ def _softmax_step(logits, labels, coef, smoothing=None, z=None, *, with_grad):
 def _times_transposed(g, kernel, xla):
     """Returns `g @ kernel^T`, `[tokens, features]` from `[tokens, classes]` and `[features, classes]`.
 
-    The formulation that is fastest on CPU in each mode (64 products of `[128, 32768] x [32768, 512]` on
-    2 cores): outside XLA, a batch of one, for which oneDNN takes the transposed kernel at full speed
-    (1.37 s; `MatMul(transpose_b=True)` with its long inner dimension takes 2.65 s); under XLA,
-    `(kernel @ g^T)^T` (1.47 s; the dot with the transposed operand takes 1.81 s). On GPU all are one
+    The formulation that is fastest on CPU in each mode (benchmarks/README.md, "The fused head"):
+    outside XLA, a batch of one, for which oneDNN takes the transposed kernel at full speed, where
+    `MatMul(transpose_b=True)` with its long inner dimension (the classes) runs at about half speed;
+    under XLA, `(kernel @ g^T)^T`, faster than the dot with the transposed operand. On GPU all are one
     cuBLAS call.
     """
     if xla:
