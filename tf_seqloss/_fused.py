@@ -170,8 +170,7 @@ def _forward(logits, labels, smoothing, active=None, keep_unnormalised=True, row
     if in_xla_compilation() and not logits.shape.is_fully_defined():
         # Sizes unknown while tracing under XLA: the function is compiled anew for every shape it meets,
         # and the fallback's branch costs more compilation time than the pass for the maximum costs running
-        # (benchmarks/README.md, "All the scenarios again, after the row blocks and the maximum shift under
-        # XLA").
+        # (benchmarks/README.md, "Three processes an entry, and the loss's compilation under XLA").
         unnormalised, sum_exp, shift = shifted_by(row_max())
     else:
         unnormalised, sum_exp, shift = shifted_by(target_logit)
