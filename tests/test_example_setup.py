@@ -3,11 +3,15 @@
 import configparser
 import hashlib
 import os
+import queue
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -80,8 +84,10 @@ def test_quick():
 
 
 def test_waits_until_the_progress_was_seen():
+    # However long the other suite takes to get here: the test that runs test.sh bounds the whole run and
+    # kills it. The deadline only keeps an orphan from polling forever.
     go = Path(__file__).resolve().parents[1] / "go"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 3600
     while not go.exists():
         assert time.monotonic() < deadline, "scripts/test.sh showed no progress while the suites ran"
         time.sleep(0.1)
@@ -108,20 +114,42 @@ def fake_checkout(tmp_path):
     return tmp_path
 
 
+def output_lines(process, deadline):
+    """Yields `process`'s output lines as they come; fails with those seen if it is still writing at `deadline`."""
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [*map(lines.put, process.stdout), lines.put(None)], daemon=True).start()
+    seen = []
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            pytest.fail("still running at the deadline; its output so far:\n" + "\n".join(seen))
+        if line is None:
+            return
+        seen.append(line.rstrip("\n"))
+        yield seen[-1]
+
+
 def test_test_sh_streams_progress_and_prints_both_results(tmp_path):
     root = fake_checkout(tmp_path)
     # TF_USE_LEGACY_KERAS=1 in the caller's environment must reach the tf_keras suite only.
     env = dict(os.environ, TF_SEQLOSS_PROGRESS_SECONDS="1", TF_USE_LEGACY_KERAS="1")
+    # Nothing here depends on when the ticker fires: both suites stop in their second test until the
+    # progress line that shows both of them there has been seen, however many ticks that takes.
     process = subprocess.Popen(["bash", "scripts/test.sh", "tests"], cwd=root, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     lines = []
-    for line in process.stdout:
-        lines.append(line.rstrip("\n"))
-        # Both suites have run their first test and wait for this: the progress reached us meanwhile.
-        if re.fullmatch(r"\[test\.sh\] \d+ s: keras3 [12]/\? tests run \(0 failed\); "
-                        r"tf_keras [12]/\? tests run \(0 failed\)", lines[-1]):
-            (root / "go").touch()
-    assert process.wait(timeout=120) == 1, "\n".join(lines)  # the tf_keras suite failed
+    try:
+        for line in output_lines(process, time.monotonic() + 300):
+            lines.append(line)
+            if re.fullmatch(r"\[test\.sh\] \d+ s: keras3 [12]/\? tests run \(0 failed\); "
+                            r"tf_keras [12]/\? tests run \(0 failed\)", line):
+                (root / "go").touch()
+        assert process.wait(timeout=60) == 1, "\n".join(lines)  # the tf_keras suite failed
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)  # test.sh and both suites
+            process.wait()
     assert (root / "go").exists(), "\n".join(lines)
     assert re.search(r"^\[keras3\] \.\.\. +\[3/3\]$", "\n".join(lines), re.M), lines
     assert re.search(r"^\[tf_keras\] \.\.F +\[3/3\]$", "\n".join(lines), re.M), lines

@@ -2,12 +2,16 @@
 
 The workers hold unevenly padded shards (15 and 3 real tokens). Each takes one SGD step of a linear model
 on its shard, with the gradients all-reduced by the strategy; the step must equal the NumPy float64
-gradient of the token mean of the whole batch in one process. Ports are picked at run time, both
-processes are killed in a `finally`, and the whole run is bounded well under a minute.
+gradient of the token mean of the whole batch in one process. The workers' ports stay reserved from the
+moment they are picked until the workers are gone (`reserved_ports`); both processes are killed in a
+`finally`, the first failure ends the wait, and the whole run is bounded well under a minute.
 """
 
+import contextlib
 import json
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests import reference
 
@@ -60,15 +65,58 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
+@contextlib.contextmanager
+def reserved_ports(count):
+    """Yields `count` loopback ports, each held by a bound socket that never listens, until the block ends.
+
+    Picking a free port and closing it before a server binds it would leave a window in which anything
+    else may take it. Here the port stays bound: the kernel skips it when it picks a port itself (a bind
+    to port 0, an outgoing connection) and refuses a plain `bind` to it. Linux lets sockets that all set
+    `SO_REUSEADDR` share a port as long as at most one listens, and gRPC, which TensorFlow's servers are
+    built on, sets it: so the workers' servers bind and listen on the held ports, and the ports are never
+    free in between.
+    """
+    sockets = []
     try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
+        for _ in range(count):
+            held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(held)
+            held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            held.bind(("127.0.0.1", 0))
+        yield [held.getsockname()[1] for held in sockets]
     finally:
-        for s in sockets:
-            s.close()
+        for held in sockets:
+            held.close()
+
+
+def wait_for_all(processes, deadline):
+    """Waits until every process has exited, the first one exits with an error, or `deadline` passes."""
+    pending = {os.pidfd_open(process.pid): process for process in processes}  # readable once it exits
+    try:
+        while pending:
+            ready, _, _ = select.select(list(pending), [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return
+            for fd in ready:
+                process = pending.pop(fd)
+                os.close(fd)
+                if process.wait() != 0:
+                    return
+    finally:
+        for fd in pending:
+            os.close(fd)
+
+
+def test_reserved_ports_are_refused_to_others_and_taken_by_a_server():
+    with reserved_ports(1) as (port,):
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))
+        with socket.socket() as server:  # as gRPC binds
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind(("0.0.0.0", port))
+            server.listen()
+            with socket.create_connection(("127.0.0.1", port), timeout=10):
+                pass
 
 
 def test_two_workers_on_loopback_take_the_single_process_full_batch_step():
@@ -83,30 +131,35 @@ def test_two_workers_on_loopback_take_the_single_process_full_batch_step():
     with tempfile.TemporaryDirectory() as tmp:
         data_path = os.path.join(tmp, "data.npz")
         np.savez(data_path, features=features, targets=targets, mask=mask, kernel=kernel)
-        cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
-        try:
-            for index in range(2):
-                env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="-1",
-                           TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
-                log = open(os.path.join(tmp, f"worker{index}.log"), "w+")
-                workers.append((subprocess.Popen([sys.executable, "-c", WORKER, data_path, str(index)], cwd=root,
-                                                 env=env, stdout=log, stderr=subprocess.STDOUT), log))
-            deadline = time.monotonic() + TIMEOUT_SECONDS
-            for process, _ in workers:
-                process.wait(timeout=max(1.0, deadline - time.monotonic()))
-            outputs = []
-            for process, log in workers:
-                log.seek(0)
-                text = log.read()
-                assert process.returncode == 0, text[-3000:]
-                outputs.append(json.loads(next(line[len("RESULT"):] for line in text.splitlines()
-                                               if line.startswith("RESULT"))))
-        finally:
-            for process, log in workers:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait(timeout=10)
-                log.close()
+        with reserved_ports(2) as ports:
+            cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+            try:
+                for index in range(2):
+                    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="-1",
+                               TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+                    log = open(os.path.join(tmp, f"worker{index}.log"), "w+")
+                    workers.append((subprocess.Popen([sys.executable, "-c", WORKER, data_path, str(index)], cwd=root,
+                                                     env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                     start_new_session=True), log))
+                wait_for_all([process for process, _ in workers], time.monotonic() + TIMEOUT_SECONDS)
+                texts = []
+                for _, log in workers:
+                    log.seek(0)
+                    texts.append(log.read())
+                for index, (process, _) in enumerate(workers):  # a failure first: the other may wait for it
+                    assert process.poll() in (0, None), \
+                        f"worker {index} failed (exit status {process.returncode}):\n{texts[index][-3000:]}"
+                for index, (process, _) in enumerate(workers):
+                    assert process.poll() == 0, f"worker {index} still ran after {TIMEOUT_SECONDS} s:\n" \
+                                                f"{texts[index][-3000:]}"
+                outputs = [json.loads(next(line[len("RESULT"):] for line in text.splitlines()
+                                           if line.startswith("RESULT"))) for text in texts]
+            finally:
+                for process, log in workers:
+                    if process.poll() is None:
+                        os.killpg(process.pid, signal.SIGKILL)  # its session: the worker and anything it started
+                        process.wait(timeout=10)
+                    log.close()
     loss, grad = reference.linear_token_mean(features, kernel, targets, mask)
     for output in outputs:
         np.testing.assert_allclose(output["step"], grad, rtol=1e-5, atol=1e-6)

@@ -44,17 +44,43 @@ import tensorflow as tf
 
 from tf_seqloss import _checks
 
-try:  # The same test `tf.TensorArray` and `tf.while_loop` use to see they are being compiled by XLA.
-    from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext as _graph_in_xla
-except ImportError:  # pragma: no cover - private API; without it the compiled kernels are used (inlined).
-    _graph_in_xla = None
+
+def find_xla_detector():
+    """Returns a function telling whether the ops being built now will be compiled by XLA, or None.
+
+    TensorFlow has no public API for this. Two routes, tried in turn: `tf.__internal__.
+    get_enclosing_xla_context`, exported for Keras (tf_keras' batch normalisation asks it), and the private
+    `control_flow_util.GraphOrParentsInXlaContext` that `tf.TensorArray` and `tf.while_loop` ask. Both
+    walk the graph's control-flow contexts, and the graphs it is nested in, for the context that
+    `tf.function(jit_compile=True)` enters while tracing. None when this TensorFlow has neither: see
+    `in_xla_compilation`.
+    """
+    exported = getattr(getattr(tf, "__internal__", None), "get_enclosing_xla_context", None)
+    if exported is not None:
+        return lambda: exported() is not None
+    try:
+        from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
+    except ImportError:
+        return None
+    return lambda: bool(GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
-def in_xla_compilation() -> bool:
-    """True while tracing a function that XLA compiles (`jit_compile=True`, or a Keras model compiled so)."""
-    if tf.executing_eagerly() or _graph_in_xla is None:
+_xla_detector = find_xla_detector()
+
+
+def in_xla_compilation(unknown: bool = False) -> bool:
+    """True while tracing a function that XLA compiles (`jit_compile=True`, or a Keras model compiled so).
+
+    Returns `unknown` when this TensorFlow offers no way to tell (`find_xla_detector`) while a graph is
+    being built. Callers that only choose the faster of two correct formulations keep the default,
+    False; a caller whose formulation would be wrong under XLA passes `unknown=True` and builds the one
+    that is right in both.
+    """
+    if tf.executing_eagerly():
         return False
-    return bool(_graph_in_xla(tf.compat.v1.get_default_graph()))
+    if _xla_detector is None:
+        return unknown
+    return _xla_detector()
 
 
 def accelerator_visible() -> bool:
@@ -143,8 +169,8 @@ def _forward(logits, labels, smoothing, active=None, keep_unnormalised=True, row
 
     if in_xla_compilation() and not logits.shape.is_fully_defined():
         # Sizes unknown while tracing under XLA: the function is compiled anew for every shape it meets,
-        # and the fallback's branch costs more compilation time (about 30 ms a shape at 8000 classes,
-        # measured) than the pass for the maximum costs running.
+        # and the fallback's branch costs more compilation time than the pass for the maximum costs running
+        # (benchmarks/README.md, "Three processes an entry, and the loss's compilation under XLA").
         unnormalised, sum_exp, shift = shifted_by(row_max())
     else:
         unnormalised, sum_exp, shift = shifted_by(target_logit)
@@ -162,8 +188,9 @@ def _forward(logits, labels, smoothing, active=None, keep_unnormalised=True, row
 
 
 # The forward pass that keeps nothing logits-sized reduces about an eighth of the logits at once, within
-# these bounds (`_row_block_reduction`). Fewer, larger blocks were measured steadier: with 32 blocks of 2**21
-# float32 logits, steps run after other TensorFlow ops were 2x slower in some processes; with 8 of 2**23 not.
+# these bounds (`_row_block_reduction`). Fewer, larger blocks were measured steadier: with many small ones,
+# steps run after other TensorFlow ops were slower in some processes (benchmarks/README.md, "The fixed shape
+# and half precision, rerun after the row blocks", Block size).
 ROW_BLOCK_ELEMENTS = (2**21, 2**23)
 
 
@@ -174,8 +201,9 @@ def _row_block_reduction(reduce_block, logits, dtype, bfloat16_bits, *row_vector
     for `bfloat16_bits`), and each vector block the same rows of a `[n]` vector of `row_vectors`.
     XLA's CPU backend writes out the input of a row reduction (see the module's docstring); block by
     block, in a `tf.while_loop`, that input is one block, which stays in cache: the pass is also faster
-    (measured, benchmarks/README.md). The last block is shifted back to end at the last row, so every
-    block has the same static size under XLA; the rows it repeats are written twice, equal.
+    (benchmarks/README.md, "The fixed shape and half precision, rerun after the row blocks"). The last
+    block is shifted back to end at the last row, so every block has the same static size under XLA; the
+    rows it repeats are written twice, equal.
     """
     n, classes = _checks.dim(logits, 0), _checks.dim(logits, 1)
     fewest, most = ROW_BLOCK_ELEMENTS
@@ -250,8 +278,8 @@ def _gradient(softmax_times_g, labels, upstream, smoothing, dtype, scatter):
         if softmax_times_g.dtype != dtype and not accelerator_visible():
             # Half-precision logits, op by op on a CPU-only machine: TensorFlow's scatter copies its input,
             # so it gets the narrow gradient, whose label entries are set, rounded once from float32 as the
-            # float32 scatter's would be (4.1x -> 3.05x the logits and 0.90-0.99x the time at [16, 128, 8000],
-            # measured). GPUs have no half-precision scatter kernel: there the float32 one stays.
+            # float32 scatter's would be: less memory and no more time (benchmarks/README.md, "Costs and
+            # limits"). GPUs have no half-precision scatter kernel: there the float32 one stays.
             at_label = tf.gather(softmax_times_g, labels[:, None], batch_dims=1)[:, 0] - at_label
             return tf.tensor_scatter_nd_update(tf.cast(softmax_times_g, dtype), at, tf.cast(at_label, dtype))
         grad = tf.tensor_scatter_nd_sub(softmax_times_g, at, at_label)
@@ -329,7 +357,8 @@ def _traced_xent(logits, labels, smoothing, active):
             # Divide first: with a shift below the maximum, `upstream / sum_exp` could underflow.
             # Rows with `g == 0` are divided by 0 with `DivNoNan`, which zeroes them whatever they hold
             # (see `_times_upstream`): as fast as a division, while `MulNoNan` instead of the
-            # multiplication costs ~1.4x a `Mul` outside XLA (measured on CPU).
+            # multiplication costs more than a `Mul` outside XLA (benchmarks/README.md, "Measurements
+            # behind choices in the code").
             def divide_then_multiply():
                 divisor = tf.where(upstream == 0, tf.zeros_like(sum_exp), sum_exp)
                 return tf.math.divide_no_nan(unnormalised, divisor[:, None]) * upstream[:, None]
@@ -337,8 +366,9 @@ def _traced_xent(logits, labels, smoothing, active):
             if in_xla_compilation():  # XLA fuses the two products into one pass anyway
                 softmax_times_g = divide_then_multiply()
             else:
-                # Op by op, one pass over the logits instead of two (about 20% of the backward pass,
-                # measured on CPU): `MulNoNan` by the per-row `g / sum_exp`, which zeroes the padded
+                # Op by op, one pass over the logits instead of two (a quarter of the backward pass, see
+                # benchmarks/README.md, "Measurements behind choices in the code"): `MulNoNan` by the
+                # per-row `g / sum_exp`, which zeroes the padded
                 # rows. It is exact while that ratio is a normal float (or 0); when it is not (a
                 # shift far below the maximum, a tiny `g`, a NaN), the rows are divided first.
                 scale = tf.where(upstream == 0, tf.zeros_like(upstream), upstream / sum_exp)
@@ -348,7 +378,8 @@ def _traced_xent(logits, labels, smoothing, active):
                     tf.reduce_all(normal),
                     lambda: tf.math.multiply_no_nan(unnormalised, scale[:, None]),
                     divide_then_multiply)
-            # A scatter, not a comparison: XLA then rescales the kept buffer in place (measured).
+            # A scatter, not a comparison: XLA then rescales the kept buffer in place (benchmarks/README.md,
+            # "How").
             return _gradient(softmax_times_g, labels, upstream, smoothing, logits.dtype, scatter=True)
 
         def grad(upstream):
@@ -369,7 +400,8 @@ def _compiled_forward(logits, labels, smoothing, active, row_blocks=True, bfloat
 def _compiled_backward(logits, labels, shift, log_sum_exp, upstream, smoothing, scatter=False,
                        bfloat16_bits=False):
     # A graph runs every op once its inputs are ready: the logits are, before the forward pass has run, and
-    # op by op a cast of half-precision logits would then sit beside the forward pass's own (4.1x -> 3.05x).
+    # op by op a cast of half-precision logits would then sit beside the forward pass's own (benchmarks/
+    # README.md, "Costs and limits").
     with tf.control_dependencies([upstream]):
         widened = _widen(logits, upstream.dtype, bfloat16_bits)
     softmax = tf.exp(widened - shift[:, None] - log_sum_exp[:, None])
@@ -416,8 +448,9 @@ def _recomputing_xent(logits, labels, smoothing, active, kernels=False, scatter=
         def first_order(logits, upstream):
             if bfloat16_bits and not kernels:
                 # Under an XLA compilation `_kernel_input`'s bitcast is a copy of the logits. Read by the
-                # backward pass as well, it ends there, and XLA writes the gradient into its buffer: the
-                # step peaks at about 1.3x the logits instead of 2.05x (benchmarks/README.md).
+                # backward pass as well, it ends there, and XLA writes the gradient into its buffer, which
+                # saves a logits-sized buffer (benchmarks/README.md, "The fixed shape and half precision,
+                # rerun after the row blocks").
                 return backward(carrier, labels, shift, log_sum_exp, upstream, smoothing, bfloat16_bits=True)
             return backward(logits, labels, shift, log_sum_exp, upstream, smoothing)
 

@@ -23,9 +23,10 @@ keras = _keras_module()
 IS_KERAS_3 = not keras.__version__.startswith("2.")
 FLAVOUR = "keras3" if IS_KERAS_3 else "tf_keras"
 
-try:  # Keras 3 keeps a mask on the tensor when it can, and in a side table for tensors that refuse attributes.
+try:  # Keras 3 keeps a mask on the tensor when it can, and in a side table for tensors that refuse attributes;
+    # this private accessor reads both. Without it, see `get_mask`.
     from keras.src.backend import get_keras_mask as _get_keras_mask
-except ImportError:  # tf_keras, or a Keras 3 without the accessor: the attribute is all there is.
+except ImportError:  # tf_keras, or a Keras 3 that moved it
     _get_keras_mask = None
 
 # Reductions that average what the flags leave unreduced, and whose result Keras 3 divides by the number of
@@ -35,13 +36,40 @@ NO_REDUCTIONS = (None, "none")
 
 
 def get_mask(tensor):
-    """Returns the Keras mask a masking layer left on `tensor`, or None."""
-    if IS_KERAS_3 and _get_keras_mask is not None:
-        try:
-            return _get_keras_mask(tensor)
-        except (AttributeError, TypeError):  # pragma: no cover - a tensor type the accessor does not know
-            pass
-    return getattr(tensor, "_keras_mask", None)
+    """Returns the Keras mask a masking layer left on `tensor`, or None.
+
+    tf_keras keeps it as the tensor's `_keras_mask` attribute, which is all it has. Keras 3 has no public
+    accessor: its private `get_keras_mask` reads the attribute or its side table. A Keras 3 without that
+    accessor is asked through its public masking contract instead (`_MaskReader`), never by reading the
+    attribute alone: a mask kept in the side table would be missed, and padding counted as tokens.
+    """
+    if not IS_KERAS_3:
+        return getattr(tensor, "_keras_mask", None)
+    if _get_keras_mask is not None:
+        return _get_keras_mask(tensor)
+    return _MaskReader().read(tensor)
+
+
+class _MaskReader(keras.layers.Layer):
+    """Reads the Keras mask of a tensor as Keras itself hands it over, wherever it keeps it.
+
+    Keras' masking contract (its guide "Understanding masking & padding"): a layer whose `call` takes a
+    `mask` argument receives the mask of its input. This layer's `call` only records that argument; the
+    input is not cast (`autocast=False`), and the output is dropped.
+    """
+
+    def __init__(self):
+        super().__init__(autocast=False, trainable=False, name="tf_seqloss_mask_reader")
+        self.supports_masking = True
+        self.received = []
+
+    def call(self, inputs, mask=None):
+        self.received.append(mask)
+        return inputs
+
+    def read(self, tensor):
+        self(tensor)
+        return self.received[0]
 
 
 def scale_for_replicas(loss: tf.Tensor, reduction) -> tf.Tensor:

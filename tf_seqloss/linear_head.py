@@ -44,17 +44,24 @@ from tf_seqloss import _checks, _fused, cross_entropy
 from tf_seqloss import weights as weights_lib
 from tf_seqloss.sequence_loss import _reduce, check_options
 
-try:  # Whether a gradient tape (eager or traced) could record the ops being built now.
+try:  # Whether a gradient tape (eager or traced) could record the ops being built now. Private API; without
+    # it the forward pass never forms the gradients and the backward pass runs the loop again: slower, exact.
     from tensorflow.python.eager.record import could_possibly_record as _could_record
-except ImportError:  # pragma: no cover - private API; without it the backward pass recomputes.
+except ImportError:
     _could_record = None
+
+try:  # XLA's in-place update of a slice, for the kernel gradient under XLA. Private API, and no public op lowers
+    # to it; without it the kernel gradient keeps one accumulator a slice of classes, as outside XLA: exact,
+    # with one more kernel-sized buffer while they are concatenated.
+    from tensorflow.compiler.tf2xla.python.xla import dynamic_update_slice as _dynamic_update_slice
+except ImportError:
+    _dynamic_update_slice = None
 
 _LAYOUT_HIDDEN = "[batch, time, features]"
 
 # Automatic chunking keeps the float32 logits of one chunk near this many elements (8 MiB), with a
-# chunk of at least MIN_CHUNK tokens so that the matmuls of a chunk stay efficient (measured at 8192
-# tokens x 512 features: 256 tokens at 8192 classes beat 128 and 512 in time and memory, in both modes;
-# at 32768 and 131072 classes 128 tokens beat 64).
+# chunk of at least MIN_CHUNK tokens so that the matmuls of a chunk stay efficient: the sizes that were
+# fastest and leanest in both modes (benchmarks/README.md, "The fused head").
 CHUNK_ELEMENTS = 2 ** 21
 MIN_CHUNK = 128
 MAX_CHUNK = 4096
@@ -306,6 +313,11 @@ class _ChunkLoop:
         dtype, chunk = self.dtype, self.chunk
         with_grad = upstream is not False
         xla = _fused.in_xla_compilation()
+        # Arrays of a static size are right in every mode (unwritten chunks stack as zeros); growable ones
+        # are not under XLA (TensorFlow 2.21 then stacks them as zeros: a loss of 0). So static unless the
+        # loop is known to run outside XLA.
+        static_arrays = _fused.in_xla_compilation(unknown=True)
+        in_place = xla and _dynamic_update_slice is not None  # one kernel-gradient buffer, updated in place
         features = tf.shape(hidden)[1]
         kernel_c = tf.cast(kernel, dtype)
         bias_c = None if bias is None else tf.cast(bias, dtype)
@@ -338,24 +350,23 @@ class _ChunkLoop:
             # Adds exact zeros at the rows past the real tokens (padded tokens, or token 0 repeated).
             d_hidden = tf.tensor_scatter_nd_add(d_hidden, rows[:, None], tf.cast(_times_transposed(g, kernel_c, xla),
                                                                                  hidden.dtype))
-            d_kernel = _add_kernel_gradient(d_kernel, h, g, slices, xla)
+            d_kernel = _add_kernel_gradient(d_kernel, h, g, slices, in_place)
             if bias_c is not None:
                 d_bias += tf.reduce_sum(g, axis=0)
             return c + 1, ce_ta, lse_ta, d_hidden, d_kernel, d_bias
 
-        # Under XLA the arrays have a static size and unwritten chunks (all padding) stack as zeros.
-        # Elsewhere they grow, and at least one chunk runs (unless there are no tokens), so that
-        # every stacked chunk was written.
-        iterations = num_chunks if xla else tf.maximum(num_chunks, tf.minimum(self.max_chunks, 1))
+        # Static arrays: unwritten chunks (all padding) stack as zeros. Growable ones (known to be outside
+        # XLA): at least one chunk runs (unless there are no tokens), so that every stacked chunk was written.
+        iterations = num_chunks if static_arrays else tf.maximum(num_chunks, tf.minimum(self.max_chunks, 1))
 
         def array():
-            if xla:
+            if static_arrays:
                 return tf.TensorArray(dtype, size=self.max_chunks, element_shape=[chunk])
             return tf.TensorArray(dtype, size=0, dynamic_size=True, element_shape=[chunk])
 
         if with_grad:
             d_hidden = tf.zeros(tf.shape(hidden), hidden.dtype)
-            if slices is None or len(slices) == 1 or xla:  # one buffer (updated in place under XLA)
+            if slices is None or len(slices) == 1 or in_place:  # one buffer
                 d_kernel = tf.zeros(tf.shape(kernel_c), dtype)
             else:  # one accumulator a slice of classes, concatenated after the loop
                 d_kernel = tuple(tf.zeros([features, size], dtype) for _, size in slices)
@@ -367,7 +378,7 @@ class _ChunkLoop:
             lambda c, *_: c < iterations, body, state, maximum_iterations=self.max_chunks,
             parallel_iterations=1)  # one chunk's buffers alive at a time
         # Every stacked row is scattered to its token; the rows past the real tokens add exact zeros.
-        index = self.order[:, None] if xla else self.order[:ce_ta.size() * chunk, None]
+        index = self.order[:, None] if static_arrays else self.order[:ce_ta.size() * chunk, None]
         ce = tf.scatter_nd(index, tf.reshape(ce_ta.stack(), [-1]), [self.n])
         lse = tf.scatter_nd(index, tf.reshape(lse_ta.stack(), [-1]), [self.n])
         if not with_grad:
@@ -412,10 +423,10 @@ def _softmax_step(logits, labels, coef, smoothing=None, z=None, *, with_grad):
 def _times_transposed(g, kernel, xla):
     """Returns `g @ kernel^T`, `[tokens, features]` from `[tokens, classes]` and `[features, classes]`.
 
-    The formulation that is fastest on CPU in each mode (64 products of `[128, 32768] x [32768, 512]` on
-    2 cores): outside XLA, a batch of one, for which oneDNN takes the transposed kernel at full speed
-    (1.37 s; `MatMul(transpose_b=True)` with its long inner dimension takes 2.65 s); under XLA,
-    `(kernel @ g^T)^T` (1.47 s; the dot with the transposed operand takes 1.81 s). On GPU all are one
+    The formulation that is fastest on CPU in each mode (benchmarks/README.md, "The fused head"):
+    outside XLA, a batch of one, for which oneDNN takes the transposed kernel at full speed, where
+    `MatMul(transpose_b=True)` with its long inner dimension (the classes) runs at about half speed;
+    under XLA, `(kernel @ g^T)^T`, faster than the dot with the transposed operand. On GPU all are one
     cuBLAS call.
     """
     if xla:
@@ -439,25 +450,25 @@ def class_slices(num_classes):
     return [(start, min(size, num_classes - start)) for start in range(0, num_classes, size)]
 
 
-def _add_kernel_gradient(d_kernel, h, g, slices, xla):
+def _add_kernel_gradient(d_kernel, h, g, slices, in_place):
     """Returns `d_kernel + h^T @ g`, without a kernel-sized temporary when the classes are static.
 
-    `d_kernel` is one `[features, classes]` tensor, or (outside XLA, for two or more static slices) a
-    tuple of one accumulator for each of `slices`.
+    `d_kernel` is one `[features, classes]` tensor, or (for two or more static slices, unless
+    `in_place`) a tuple of one accumulator for each of `slices`. `in_place` (only inside an XLA
+    compilation) updates the one tensor slice after slice with XLA's `dynamic_update_slice`.
     """
     if slices is None or len(slices) == 1:
         return d_kernel + tf.matmul(h, g, transpose_a=True)
-    if not xla:
+    if not in_place:
         return tuple(acc + tf.matmul(h, g[:, start:start + size], transpose_a=True)
                      for acc, (start, size) in zip(d_kernel, slices))
-    from tensorflow.compiler.tf2xla.python import xla as xla_ops  # only inside an XLA compilation
 
     features, tokens = tf.shape(d_kernel)[0], tf.shape(g)[0]
 
     def add_slice(d_kernel, start, size):
         update = tf.matmul(h, tf.slice(g, [0, start], [tokens, size]), transpose_a=True)
         current = tf.slice(d_kernel, [0, start], [features, size])
-        return xla_ops.dynamic_update_slice(d_kernel, current + update, tf.stack([0, start]))
+        return _dynamic_update_slice(d_kernel, current + update, tf.stack([0, start]))
 
     # A loop over the equal slices, so that XLA runs them one after the other: unrolled, its scheduler
     # runs every slice's matmul first and holds their results (a whole `h^T @ g`) at once.

@@ -16,8 +16,9 @@ _LAYOUT_TARGETS = "[batch, time] class ids, or [batch, time, classes] probabilit
 
 
 # The package is graph-safe Python (tf.cond, tf.where, static checks), so AutoGraph has nothing to
-# convert; letting it try costs about 2 s of every trace that calls the loss (measured on 2 CPU cores),
-# which a variable-length loop or a retracing `fit` pays again and again. Every public entry point says so.
+# convert; letting it try costs seconds at the first trace in a process, and a little at every later one,
+# which a variable-length loop or a retracing `fit` pays again and again (benchmarks/README.md,
+# "Measurements behind choices in the code"). Every public entry point says so.
 @tf.autograph.experimental.do_not_convert
 def sequence_loss(
     logits: TensorLike,

@@ -29,7 +29,7 @@ class DenseInputs(NamedTuple):
     lengths: Optional[tf.Tensor]
 
 
-def densify_ragged(logits, targets, weights=None, *, logits_arg: str = "logits") -> DenseInputs:
+def densify_ragged(logits, targets, weights=None) -> DenseInputs:
     """Pads ragged `logits` (`[batch, (time), classes]`), `targets` and `weights` (`[batch, (time)]`).
 
     The row lengths of the ragged inputs become the sequence lengths; where several inputs are ragged
@@ -61,9 +61,9 @@ def densify_ragged(logits, targets, weights=None, *, logits_arg: str = "logits")
     if isinstance(logits, tf.RaggedTensor):
         if logits.shape.rank != 3:
             raise ValueError(
-                f"A ragged `{logits_arg}` must be [batch, (time), classes]. "
-                f"Received: {logits_arg}.shape={logits.shape}")
-        take_lengths(logits, logits_arg)
+                "A ragged `logits` must be [batch, (time), classes]. "
+                f"Received: logits.shape={logits.shape}")
+        take_lengths(logits, "logits")
         logits = logits.to_tensor()
     time = None if isinstance(logits, tf.RaggedTensor) else _checks.dim(tf.convert_to_tensor(logits), 1)
 
@@ -73,7 +73,7 @@ def densify_ragged(logits, targets, weights=None, *, logits_arg: str = "logits")
             tf.debugging.assert_less_equal(
                 row_lengths, tf.cast(time, row_lengths.dtype),
                 message=f"The rows of the ragged `{arg}` must not be longer than the time dimension of "
-                        f"`{logits_arg}`")
+                        "`logits`")
         if x.shape.rank not in rank:
             raise ValueError(f"A ragged `{arg}` must be [batch, (time)] or [batch, (time), classes]. "
                              f"Received: {arg}.shape={x.shape}")
