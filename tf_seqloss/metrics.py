@@ -23,6 +23,7 @@ class _TokenMetric(keras.metrics.Metric):
     """Accumulates `sum(w * value)` and `sum(w)` over the tokens of every batch; subclasses give `value`."""
 
     def __init__(self, name: str, dtype=None, *, padding_id: Optional[int] = None, **kwargs):
+        dtype = _checks.accumulator_dtype(dtype, type(self).__name__)
         super().__init__(name=name, dtype=dtype, **kwargs)
         self.padding_id = _checks.check_padding_id(padding_id)
         self.total = self._sum_variable("total")
@@ -66,7 +67,9 @@ class TokenPerplexity(_TokenMetric):
 
     Args:
         name: the metric's name (`"token_perplexity"`).
-        dtype: the dtype of the accumulators (`None`: `keras.backend.floatx()`).
+        dtype: the dtype of the running sums: `"float32"`, `"float64"`, or a mixed policy (which sums in
+            float32). `None`: `keras.backend.floatx()`, or float32 if that is a half-precision type.
+            Integer and half-precision dtypes are refused (`ValueError`): they truncate or round the sums.
         padding_id: keyword-only. A class id marking padding in `y_true` (weight 0 there).
 
     Example:
@@ -97,7 +100,9 @@ class TokenAccuracy(_TokenMetric):
 
     Args:
         name: the metric's name (`"token_accuracy"`).
-        dtype: the dtype of the accumulators (`None`: `keras.backend.floatx()`).
+        dtype: the dtype of the running sums: `"float32"`, `"float64"`, or a mixed policy (which sums in
+            float32). `None`: `keras.backend.floatx()`, or float32 if that is a half-precision type.
+            Integer and half-precision dtypes are refused (`ValueError`): they truncate or round the sums.
         padding_id: keyword-only. A class id marking padding in `y_true` (weight 0 there).
 
     Example:
