@@ -76,9 +76,11 @@ def test_evaluate_reports_the_exact_values_over_batches():
 
 def test_probability_targets_use_their_argmax():
     logits, targets, mask = _data(seed=2)
-    accuracy = tf_seqloss.TokenAccuracy()
-    accuracy.update_state(np.eye(VOCAB, dtype="float32")[targets], logits, sample_weight=mask)
-    np.testing.assert_allclose(float(accuracy.result()), _exact(logits, targets, mask)[1], rtol=1e-6)
+    accuracy, perplexity = tf_seqloss.TokenAccuracy(), tf_seqloss.TokenPerplexity()
+    for metric in (accuracy, perplexity):
+        metric.update_state(np.eye(VOCAB, dtype="float32")[targets], logits, sample_weight=mask)
+    np.testing.assert_allclose([float(perplexity.result()), float(accuracy.result())], _exact(logits, targets, mask),
+                               rtol=1e-5)
 
 
 @pytest.mark.parametrize("cls", [tf_seqloss.TokenPerplexity, tf_seqloss.TokenAccuracy])
@@ -93,7 +95,12 @@ def test_config_round_trip_and_keras_file(cls):
     model.evaluate(logits, targets, verbose=0)
     path = os.path.join(tempfile.mkdtemp(), "model.keras")
     model.save(path)
-    keras.models.load_model(path)   # No custom_objects.
+    loaded = keras.models.load_model(path)   # No custom_objects.
+    # The compiled metric comes back with its padding_id and reports the exact token value again.
+    logs = loaded.evaluate(logits, targets, batch_size=2, verbose=0, return_dict=True)
+    name = "token_perplexity" if cls is tf_seqloss.TokenPerplexity else "token_accuracy"
+    expected = _exact(logits, targets, (targets != 0).astype("float64"))
+    np.testing.assert_allclose(logs[name], expected[0 if cls is tf_seqloss.TokenPerplexity else 1], rtol=1e-5)
 
 
 def test_bad_padding_id_names_the_argument():

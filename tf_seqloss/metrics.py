@@ -1,10 +1,28 @@
 """Token-level metrics: perplexity and accuracy over every real token seen, across batches and replicas.
 
-Keras averages a metric's per-batch values weighted by the batches' sizes in sequences, and keras-hub's
-`Perplexity` does the same; a token of a short batch then counts for more than one of a long batch. These
-metrics keep two sums instead, the weighted token values and the token weights, in variables that Keras
-sums over replicas (`aggregation="sum"`, synchronised on read), so `result()` is the exact token-level
-value over everything since the last reset: an epoch of `fit` or `evaluate`, under any strategy.
+`TokenPerplexity` and `TokenAccuracy` keep two running sums, the weighted token values and the token
+weights, in variables summed over the replicas of a `tf.distribute` strategy (`aggregation="sum"`,
+synchronised on read), so `result()` is the exact token-level value over everything since the last reset:
+an epoch of `fit` or `evaluate`, under any strategy. The loss Keras logs over an epoch is not: it averages
+the batches' losses weighted by their number of sequences, so a token of a short batch counts for more
+than one of a long batch.
+
+keras-hub's `Perplexity` keeps the same two sums since keras-hub 0.32 (before, it averaged per-batch values
+weighted by sequences), and from the same `sample_weight` or `mask_token_id` it gives the same value as
+`TokenPerplexity`. What these metrics add:
+
+- the three padding routes of `SequenceLoss`, multiplied together: `sample_weight`, the Keras mask on
+  `y_pred` (e.g. from `Embedding(mask_zero=True)`; keras-hub's `Perplexity` leaves masked tokens out of its
+  cross-entropy sum but counts them in its token count), and `padding_id`;
+- both Kerases: Keras 3 and tf_keras (`TF_USE_LEGACY_KERAS=1`), with a `.keras` file saving and loading
+  them (and the model compiled with them) in each;
+- probability targets, ragged inputs, and token accuracy over the same weights (`TokenAccuracy`).
+
+Keras hands `sample_weight` only to the metrics in `compile(weighted_metrics=[...])`, never to those in
+`metrics=[...]`. When padding is marked by `sample_weight` alone (keras-hub's `(x, y, sample_weight)`
+batches), put these metrics in `weighted_metrics`, or give them `padding_id`. A metric updated with no
+padding information at all while its targets look padded (some row starts or ends with two equal ids that
+at least half the rows start or end with) warns once, when its value is first read outside a graph.
 """
 
 from __future__ import annotations
