@@ -190,3 +190,36 @@ def test_fused_head_refuses_a_use_bias_that_is_not_a_bool(use_bias):
 
 def test_fused_head_takes_a_numpy_bool():
     assert tf_seqloss.FusedLinearHead(VOCAB, use_bias=np.bool_(False)).use_bias is False
+
+
+# ---- softmax_loss_function and name: checked when built, not at the first call
+
+def _no_keywords(x, y):
+    return x
+
+
+@pytest.mark.parametrize("make", [tf_seqloss.SequenceLoss, tf_seqloss.SequenceLossLayer],
+                         ids=["SequenceLoss", "SequenceLossLayer"])
+@pytest.mark.parametrize("fn", [_no_keywords, tf.nn.sampled_softmax_loss])
+def test_softmax_loss_function_that_cannot_take_labels_and_logits_is_refused_when_built(make, fn):
+    with pytest.raises(TypeError, match=r"`softmax_loss_function` is called as .*labels=.*logits=") as info:
+        make(softmax_loss_function=fn)
+    assert repr(fn) in str(info.value)
+
+
+def test_softmax_loss_function_with_the_keywords_is_still_used():
+    logits, targets, weights = _case(seed=5)
+    def xent(labels, logits):
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    loss = tf_seqloss.SequenceLoss(softmax_loss_function=xent)
+    np.testing.assert_allclose(float(loss(targets, logits, weights)), reference.sequence_loss(logits, targets, weights),
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", [tf_seqloss.SequenceLoss, tf_seqloss.TokenPerplexity, tf_seqloss.TokenAccuracy],
+                         ids=["SequenceLoss", "TokenPerplexity", "TokenAccuracy"])
+@pytest.mark.parametrize("name", [5, b"loss"])
+def test_a_name_that_is_not_a_string_is_refused_when_built(make, name):
+    with pytest.raises(TypeError, match=r"argument `name`") as info:
+        make(name=name)
+    assert f"Received: name={name!r}" in str(info.value)

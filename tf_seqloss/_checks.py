@@ -263,3 +263,12 @@ def accumulator_dtype(dtype, owner: str) -> str:
             f"tokens one by one. Received: dtype={dtype!r}"
         )
     return variable.name
+
+
+def check_name(name, owner: str) -> None:
+    """Raises unless `name` is None or a string (Keras 3 accepted any object until the first call)."""
+    if name is not None and not isinstance(name, str):
+        raise TypeError(
+            f"Invalid value for argument `name` of `{owner}`. Expected a string or None. "
+            f"Received: name={name!r} of type {type(name).__name__}"
+        )

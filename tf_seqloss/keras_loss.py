@@ -135,6 +135,7 @@ class SequenceLoss(keras.losses.Loss):
             softmax_loss_function, padding_id, label_smoothing, epsilon, implementation,
             allow_tensors=False, normalizer=normalizer)
 
+        _checks.check_name(name, "SequenceLoss")
         loss_dtype = _dtype_name(dtype)  # before Keras 3's own check, whose message does not name `dtype`
         if IS_KERAS_3:
             super().__init__(name=name, reduction=reduction, dtype=dtype)

@@ -55,6 +55,7 @@ class _TokenMetric(keras.metrics.Metric):
     """
 
     def __init__(self, name: str, dtype=None, *, padding_id: Optional[int] = None, **kwargs):
+        _checks.check_name(name, type(self).__name__)
         dtype = _checks.accumulator_dtype(dtype, type(self).__name__)
         super().__init__(name=name, dtype=dtype, **kwargs)
         self.padding_id = _checks.check_padding_id(padding_id)

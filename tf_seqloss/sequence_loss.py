@@ -260,6 +260,8 @@ def check_options(average_across_timesteps, average_across_batch, sum_over_times
             "`softmax_loss_function` must be None or a callable taking `labels=` and `logits=`. "
             f"Received: softmax_loss_function={softmax_loss_function!r}"
         )
+    if softmax_loss_function is not None:
+        _check_custom_loss(softmax_loss_function)  # When built, for `SequenceLoss` and the layer.
     padding_id = _checks.check_padding_id(padding_id)
     label_smoothing = _checks.check_label_smoothing(label_smoothing, allow_tensor=allow_tensors)
     if softmax_loss_function is not None and not _checks.is_zero(label_smoothing):
