@@ -1,19 +1,23 @@
 """`TokenPerplexity` and `TokenAccuracy`: exact token-level values over uneven batches, every padding route.
 
 The reference is NumPy float64 over all real tokens pooled; a mean of per-batch values (what Keras does
-with a per-batch metric or loss) is shown to differ on the same data. The strategy run is in
-`test_distribute_normalizer.py`.
+with a per-batch metric or loss) is shown to differ on the same data. The strategy run of the padding
+routes is in `test_distribute_normalizer.py`; the one of the unmarked-padding warning is here.
 """
 
 import doctest
 import os
 import tempfile
+import textwrap
+import warnings
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tf_seqloss
 from tests import reference
+from tests.child import run_script
 from tf_seqloss import metrics
 from tf_seqloss._keras import keras
 
@@ -72,9 +76,11 @@ def test_evaluate_reports_the_exact_values_over_batches():
 
 def test_probability_targets_use_their_argmax():
     logits, targets, mask = _data(seed=2)
-    accuracy = tf_seqloss.TokenAccuracy()
-    accuracy.update_state(np.eye(VOCAB, dtype="float32")[targets], logits, sample_weight=mask)
-    np.testing.assert_allclose(float(accuracy.result()), _exact(logits, targets, mask)[1], rtol=1e-6)
+    accuracy, perplexity = tf_seqloss.TokenAccuracy(), tf_seqloss.TokenPerplexity()
+    for metric in (accuracy, perplexity):
+        metric.update_state(np.eye(VOCAB, dtype="float32")[targets], logits, sample_weight=mask)
+    np.testing.assert_allclose([float(perplexity.result()), float(accuracy.result())], _exact(logits, targets, mask),
+                               rtol=1e-5)
 
 
 @pytest.mark.parametrize("cls", [tf_seqloss.TokenPerplexity, tf_seqloss.TokenAccuracy])
@@ -89,7 +95,12 @@ def test_config_round_trip_and_keras_file(cls):
     model.evaluate(logits, targets, verbose=0)
     path = os.path.join(tempfile.mkdtemp(), "model.keras")
     model.save(path)
-    keras.models.load_model(path)   # No custom_objects.
+    loaded = keras.models.load_model(path)   # No custom_objects.
+    # The compiled metric comes back with its padding_id and reports the exact token value again.
+    logs = loaded.evaluate(logits, targets, batch_size=2, verbose=0, return_dict=True)
+    name = "token_perplexity" if cls is tf_seqloss.TokenPerplexity else "token_accuracy"
+    expected = _exact(logits, targets, (targets != 0).astype("float64"))
+    np.testing.assert_allclose(logs[name], expected[0 if cls is tf_seqloss.TokenPerplexity else 1], rtol=1e-5)
 
 
 def test_bad_padding_id_names_the_argument():
@@ -100,3 +111,193 @@ def test_bad_padding_id_names_the_argument():
 def test_docstring_examples_run():
     result = doctest.testmod(metrics, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ---- Unmarked padding: `metrics=` gets no sample_weight (keras-hub's data format marks padding only so)
+
+HUB_BATCH, HUB_TIME, HUB_VOCAB = 8, 9, 7
+
+
+def _keras_hub_batch(seed=0):
+    """`(y_pred, y, sample_weight)` as keras-hub's causal-LM preprocessing gives them.
+
+    Token ids packed as `[start, tokens..., end, 0, 0, ...]`; the targets are the ids shifted by one and
+    the sample weights the shifted padding mask, so padding is marked by `sample_weight` alone.
+    """
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, HUB_TIME, size=HUB_BATCH)
+    lengths[0] = HUB_TIME   # One full row, as in any batch packed to its longest sequence.
+    ids = np.where(np.arange(HUB_TIME + 1) < lengths[:, None] + 1,
+                   rng.integers(3, HUB_VOCAB, size=(HUB_BATCH, HUB_TIME + 1)), 0)
+    ids[np.arange(HUB_BATCH), lengths] = 2   # The end token.
+    ids[:, 0] = 1                            # The start token.
+    padding_mask = (np.arange(HUB_TIME + 1) <= lengths[:, None]).astype("float32")
+    y, sample_weight = ids[:, 1:].astype("int32"), padding_mask[:, 1:]
+    logits = rng.normal(size=(HUB_BATCH, HUB_TIME, HUB_VOCAB)).astype("float32")
+    logits[..., 0] += 1.5   # A model that learnt the padding: it predicts 0 where padding is likely.
+    return logits, y, sample_weight
+
+
+def _ours(records):
+    return [str(r.message) for r in records if "without any padding information" in str(r.message)]
+
+
+def _graph_update(metric, **function_kwargs):
+    """`metric.update_state` as a `tf.function` (tf_keras returns an op from it, which a function cannot)."""
+    def update(y_true, y_pred):
+        metric.update_state(y_true, y_pred)
+    return tf.function(update, **function_kwargs)
+
+
+def _identity_model():
+    inputs = keras.Input((HUB_TIME, HUB_VOCAB))
+    return keras.Model(inputs, keras.layers.Activation("linear")(inputs))
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_metrics_list_counts_padding_and_warns_weighted_metrics_list_is_exact(jit_compile):
+    logits, y, sample_weight = _keras_hub_batch()
+    model = _identity_model()
+    model.compile(loss=tf_seqloss.SequenceLoss(), jit_compile=jit_compile,
+                  metrics=[tf_seqloss.TokenPerplexity(name="ppl"), tf_seqloss.TokenAccuracy(name="acc")],
+                  weighted_metrics=[tf_seqloss.TokenPerplexity(name="w_ppl"), tf_seqloss.TokenAccuracy(name="w_acc")])
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        logs = model.evaluate(logits, y, sample_weight=sample_weight, batch_size=3, verbose=0, return_dict=True)
+    # `weighted_metrics`: the real tokens only. `metrics`: Keras gave them no weights, so every position counts.
+    np.testing.assert_allclose([logs["w_ppl"], logs["w_acc"]], _exact(logits, y, sample_weight), rtol=1e-5)
+    np.testing.assert_allclose([logs["ppl"], logs["acc"]], _exact(logits, y, np.ones_like(sample_weight)), rtol=1e-5)
+    assert logs["ppl"] < 0.8 * logs["w_ppl"] and logs["acc"] > 1.2 * logs["w_acc"]   # Far off, not rounding.
+    ours = _ours(records)
+    assert len(ours) == 2, ours   # Once for each metric in `metrics=`, none for `weighted_metrics=`.
+    assert any("'ppl'" in m for m in ours) and any("'acc'" in m for m in ours)
+    assert all("weighted_metrics" in m and "padding_id" in m for m in ours)
+
+
+@pytest.mark.parametrize("route", ["sample_weight", "keras_mask", "padding_id", "ragged"])
+def test_no_warning_when_the_padding_is_marked(route):
+    logits, y, sample_weight = _keras_hub_batch(seed=1)
+    metric = tf_seqloss.TokenPerplexity(padding_id=0 if route == "padding_id" else None)
+    y_true, y_pred, weights = y, logits, None
+    if route == "sample_weight":
+        weights = sample_weight
+    elif route == "keras_mask":
+        y_pred = keras.layers.Masking(0.0)(np.where(sample_weight[..., None] > 0, logits, 0.0))
+    elif route == "ragged":
+        lengths = sample_weight.sum(1).astype("int64")
+        y_true = tf.RaggedTensor.from_tensor(y, lengths=lengths)
+        y_pred = tf.RaggedTensor.from_tensor(logits, lengths=lengths)
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            metric.update_state(y_true, y_pred, sample_weight=weights)
+        value = float(metric.result())
+        metric.reset_state()
+    assert _ours(records) == []
+    np.testing.assert_allclose(value, _exact(logits, y, sample_weight)[0], rtol=1e-5)
+
+
+def test_no_warning_for_unpadded_targets():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(16, 12, 40)).astype("float32")
+    targets = rng.integers(1, 40, size=(16, 12)).astype("int32")
+    targets[:, -1] = 2          # Every row ends with an end token (shared, but never doubled),
+    targets[3, -3:] = [5, 5, 2]  # and one row holds a repeated token just before it.
+    for row in range(16):       # No row starts or ends with two equal ids.
+        if targets[row, 0] == targets[row, 1]:
+            targets[row, 1] = targets[row, 0] % 39 + 1
+        if targets[row, -2] == 2:
+            targets[row, -2] = 3
+    metric = tf_seqloss.TokenAccuracy()
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        metric.update_state(targets, logits)
+        _graph_update(metric)(targets, logits)
+        value = float(metric.result())
+    assert _ours(records) == []
+    np.testing.assert_allclose(value, (logits.argmax(-1) == targets).mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("targets,padded", [
+    ([[5, 9, 2, 0, 0], [7, 2, 0, 0, 0], [3, 1, 4, 1, 6]], True),     # Post-padding, 2 of 3 rows.
+    ([[0, 0, 5, 9, 2], [0, 0, 0, 7, 2], [3, 1, 4, 1, 6]], True),     # Pre-padding (`pad_sequences`' default).
+    ([[5, 9, -100, -100], [7, 2, 4, -100]], True),                    # Any id: Hugging Face's -100.
+    ([[1, 1], [2, 2]], True),                                         # One id fills the rows: cannot tell.
+    ([[5, 9, 2, 2], [7, 2, 4, 6], [8, 1, 4, 8], [3, 3, 4, 9]], False),  # Doubled ends no other row shares.
+    ([[5, 9, 2], [7, 2, 2], [3, 1, 4]], True),
+    ([[5, 9, 2], [7, 1, 2], [3, 1, 2]], False),                       # A shared end id, never doubled.
+    ([[4], [4]], False),                                              # One step: nothing to compare.
+    (np.zeros([0, 5], "int32"), False),                               # No rows.
+])
+def test_what_looks_padded(targets, padded):
+    targets = tf.constant(np.asarray(targets, "int32"))
+    if targets.shape[1] >= 2:
+        assert bool(metrics._looks_padded(targets)) is padded
+    # Through the metric, with the time size unknown while tracing (the graph's own guard for time < 2).
+    metric = tf_seqloss.TokenPerplexity()
+    update = _graph_update(metric, input_signature=[
+        tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None, None, 11], tf.float32)])
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        update(targets, tf.zeros(list(targets.shape) + [11]))
+        metric.result()
+    assert len(_ours(records)) == int(padded)
+
+
+def test_graph_and_xla_updates_warn_once_when_read_and_never_change_the_value():
+    logits, y, _ = _keras_hub_batch(seed=3)
+    warned, quiet = tf_seqloss.TokenPerplexity(), tf_seqloss.TokenPerplexity()
+    quiet._unmarked_padding.warned = True   # As if it had warned already: its steps trace without the check.
+    values = {}
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        for metric in (warned, quiet):
+            step, before = _graph_update(metric, jit_compile=True), len(records)
+            for part in (slice(0, 4), slice(4, 8)):
+                step(y[part], logits[part])
+            assert _ours(records[before:]) == []   # Nothing is read back to the host inside the steps.
+            values[metric] = [float(metric.result()), float(metric.result())]
+            metric.reset_state()
+    assert len(_ours(records)) == 1 and "'token_perplexity'" in _ours(records)[0]   # Once, when read.
+    assert values[warned] == values[quiet]   # The check adds ops beside the sums, never to them.
+    np.testing.assert_allclose(values[warned][0], _exact(logits, y, np.ones(y.shape))[0], rtol=1e-5)
+    assert len(warned.variables) == 2   # The check's variable is not one of the metric's saved variables.
+
+
+STRATEGY_SCRIPT = textwrap.dedent('''
+    import json, warnings
+    import numpy as np
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+    import tf_seqloss
+    from tf_seqloss._keras import keras
+
+    rng = np.random.default_rng(5)
+    lengths = np.array([9, 2, 8, 1, 3, 9, 2, 4])
+    sample_weight = (np.arange(9) < lengths[:, None]).astype("float32")
+    y = (rng.integers(1, 6, size=(8, 9)) * sample_weight).astype("int32")
+    logits = rng.normal(size=(8, 9, 6)).astype("float32")
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        inputs = keras.Input((9, 6))
+        model = keras.Model(inputs, keras.layers.Activation("linear")(inputs))
+        model.compile(loss=tf_seqloss.SequenceLoss(), metrics=[tf_seqloss.TokenPerplexity(name="ppl")],
+                      weighted_metrics=[tf_seqloss.TokenPerplexity(name="w_ppl")])
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        logs = model.evaluate(logits, y, sample_weight=sample_weight, batch_size=4, verbose=0, return_dict=True)
+    ours = [str(r.message) for r in records if "without any padding information" in str(r.message)]
+    print("RESULTS" + json.dumps(dict(logs={k: float(v) for k, v in logs.items()}, warnings=ours,
+                                      y=y.tolist(), logits=logits.tolist(), sample_weight=sample_weight.tolist())))
+''')
+
+
+def test_unmarked_padding_warning_and_exact_values_under_a_strategy():
+    out = run_script(STRATEGY_SCRIPT, marker="RESULTS", timeout=240)
+    logits, y, sample_weight = (np.array(out[key]) for key in ("logits", "y", "sample_weight"))
+    np.testing.assert_allclose(out["logs"]["w_ppl"], _exact(logits, y, sample_weight)[0], rtol=1e-5)
+    np.testing.assert_allclose(out["logs"]["ppl"], _exact(logits, y, np.ones(y.shape))[0], rtol=1e-5)
+    assert len(out["warnings"]) == 1 and "'ppl'" in out["warnings"][0]

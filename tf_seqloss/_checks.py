@@ -8,13 +8,18 @@ mismatch surfaces as XLA's own shape error instead.
 
 from __future__ import annotations
 
+import importlib
 import numbers
 from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
+from tf_seqloss import _keras
+
 _HALF_DTYPES = (tf.float16, tf.bfloat16)
+# `epsilon` is added to a normaliser computed in float32 (or float64): beyond float32's range it is infinite there.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def compute_dtype(dtype: tf.DType) -> tf.DType:
@@ -190,3 +195,80 @@ def check_z_loss(z_loss) -> float:
     if not 0.0 <= value < np.inf:  # NaN fails too
         raise ValueError(f"`z_loss` must be in [0, inf). Received: z_loss={z_loss!r}")
     return value
+
+
+def check_epsilon(epsilon) -> None:
+    """Raises unless `epsilon` is None or a number in `[0, float32 max]` (the loss divides by `normaliser + epsilon`).
+
+    An infinite `epsilon` (or one that is infinite in float32, the compute dtype of most losses) would make
+    every loss 0, and a NaN one every loss NaN, so both are refused with the negative ones.
+    """
+    if epsilon is None:
+        return
+    if not (is_real_number(epsilon) and 0.0 <= float(epsilon) <= _FLOAT32_MAX):  # NaN fails too
+        raise ValueError(
+            "`epsilon` must be None or a non-negative number, finite in float32 (at most "
+            f"{_FLOAT32_MAX:.4g}): the loss divides by `normaliser + epsilon`, so an infinite one makes every "
+            f"loss 0. Received: epsilon={epsilon!r}"
+        )
+
+
+def dtype_policy(dtype, owner: str, *, floating: bool = False):
+    """Returns the Keras dtype policy `dtype` names, resolved as the running Keras resolves a layer's `dtype`.
+
+    Keras 3 and tf_keras refuse a bad name at different times (tf_keras' `Loss` takes no `dtype` at all,
+    and `"mixed_<anything>"` used to pass until the first call), and neither message names the argument;
+    this refuses it at construction in both, naming `owner`'s `dtype`. With `floating=True` the policy's
+    compute and variable dtypes must be floating (a loss or a layer with float weights).
+    """
+    expected = ("None, a floating dtype name (e.g. 'float32') or a Keras dtype policy (e.g. 'mixed_float16')"
+                if floating else "None, a dtype name (e.g. 'float32') or a Keras dtype policy (e.g. 'mixed_float16')")
+    try:
+        if _keras.IS_KERAS_3:
+            policy = _keras.keras.dtype_policies.get(dtype)
+        else:  # tf_keras' `Layer` resolves `dtype` with this function (not exported).
+            policies = importlib.import_module(_keras.keras.__name__ + ".src.mixed_precision.policy")
+            policy = policies.get_policy(dtype)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"Invalid value for argument `dtype` of `{owner}`. Expected {expected}. Received: dtype={dtype!r} "
+            f"({err})"
+        ) from None
+    if floating and not all(tf.as_dtype(d).is_floating for d in (policy.compute_dtype, policy.variable_dtype)):
+        raise ValueError(
+            f"Invalid value for argument `dtype` of `{owner}`. Expected {expected}. Received: dtype={dtype!r} "
+            f"(compute dtype {policy.compute_dtype}, variable dtype {policy.variable_dtype})"
+        )
+    return policy
+
+
+def accumulator_dtype(dtype, owner: str) -> str:
+    """Returns the dtype of a metric's running sums: float32 or float64, the variable dtype of `dtype`.
+
+    An integer sum truncates fractional weights and cross-entropies (a perplexity of 5 read 3.79), and a
+    half-precision one cannot count past 2048 tokens one by one (2048 + 1 == 2048 in float16) and rounds
+    every larger sum, so both are refused.
+    A mixed policy sums in its variable dtype, float32, under both Kerases; `None` takes
+    `keras.backend.floatx()`, or float32 if that is a half-precision type.
+    """
+    if dtype is None:
+        floatx = _keras.keras.backend.floatx()
+        return floatx if floatx in ("float32", "float64") else "float32"
+    variable = tf.as_dtype(dtype_policy(dtype, owner).variable_dtype)
+    if variable not in (tf.float32, tf.float64):
+        raise ValueError(
+            f"Invalid value for argument `dtype` of `{owner}`. Expected None, 'float32', 'float64' or a mixed "
+            "policy ('mixed_float16', 'mixed_bfloat16', which sum in float32): the dtype of the running sums, "
+            "where an integer type truncates fractional values and a half-precision one cannot count past 2048 "
+            f"tokens one by one. Received: dtype={dtype!r}"
+        )
+    return variable.name
+
+
+def check_name(name, owner: str) -> None:
+    """Raises unless `name` is None or a string (Keras 3 accepted any object until the first call)."""
+    if name is not None and not isinstance(name, str):
+        raise TypeError(
+            f"Invalid value for argument `name` of `{owner}`. Expected a string or None. "
+            f"Received: name={name!r} of type {type(name).__name__}"
+        )

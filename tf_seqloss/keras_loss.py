@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.types.experimental import TensorLike
 
-from tf_seqloss import _keras, distribute
+from tf_seqloss import _checks, _keras, distribute
 from tf_seqloss._keras import IS_KERAS_3, keras
 from tf_seqloss.sequence_loss import check_options, compute_sequence_loss
 
@@ -156,6 +156,8 @@ class SequenceLoss(keras.losses.Loss):
             allow_tensors=False, normalizer=normalizer)
         from_logits = check_from_logits(from_logits, softmax_loss_function)
 
+        _checks.check_name(name, "SequenceLoss")
+        loss_dtype = _dtype_name(dtype)  # before Keras 3's own check, whose message does not name `dtype`
         if IS_KERAS_3:
             super().__init__(name=name, reduction=reduction, dtype=dtype)
         else:
@@ -175,7 +177,7 @@ class SequenceLoss(keras.losses.Loss):
         self._warned_probabilities = False
         self._checked_values = False
         self._dtype_argument = dtype
-        self._loss_dtype = _dtype_name(dtype)
+        self._loss_dtype = loss_dtype
 
     @property
     def dtype(self) -> str:
@@ -363,21 +365,9 @@ def _dtype_name(dtype) -> str:
     """Returns the name of the dtype a loss built with `dtype` is computed in."""
     if dtype is None:
         return keras.backend.floatx()
-    compute = getattr(dtype, "compute_dtype", None)  # A Keras dtype policy.
-    if compute is not None:
-        return tf.as_dtype(compute).name
-    if isinstance(dtype, str) and dtype.startswith("mixed_"):
-        return dtype[len("mixed_"):]
-    try:
-        resolved = tf.as_dtype(dtype)
-    except TypeError:
-        resolved = None
-    if resolved is None or not resolved.is_floating:
-        raise ValueError(
-            "`dtype` must be None, a floating dtype name (e.g. 'float32') or a Keras dtype policy "
-            f"(e.g. 'mixed_float16'). Received: dtype={dtype!r}"
-        )
-    return resolved.name
+    # Resolved as the running Keras resolves a layer's `dtype`, so that tf_keras (whose `Loss` takes no
+    # `dtype`) refuses `"mixed_<anything>"` here rather than at the first call.
+    return tf.as_dtype(_checks.dtype_policy(dtype, "SequenceLoss", floating=True).compute_dtype).name
 
 
 def _dtype_config(dtype):

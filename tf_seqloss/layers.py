@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from typing import Callable, Optional
 
+import numpy as np
 import tensorflow as tf
 
 from tf_seqloss import _checks, _keras, distribute, linear_head
@@ -26,10 +27,11 @@ class SequenceMask(keras.layers.Layer):
     `reference` if passed, else the largest length in the batch.
 
     Args:
-        maxlen: the time size of the mask, or `None` to take it from `reference` or the lengths.
+        maxlen: the time size of the mask, a Python or NumPy int in `[0, 2**31 - 1]` (the int32 range
+            TensorFlow sizes a time axis in), or `None` to take it from `reference` or the lengths.
         output_dtype: the mask's dtype: `"float32"` (default, for loss weights) or `"bool"` (for Keras
-            masks, e.g. `keras.layers.Attention(...)(..., mask=[query_mask, value_mask])`), or any dtype
-            `tf.sequence_mask` accepts.
+            masks, e.g. `keras.layers.Attention(...)(..., mask=[query_mask, value_mask])`), or any other
+            floating or integer dtype.
         **kwargs: passed to `keras.layers.Layer` (`name`, ...).
 
     Call arguments:
@@ -45,18 +47,10 @@ class SequenceMask(keras.layers.Layer):
     """
 
     def __init__(self, maxlen: Optional[int] = None, output_dtype="float32", **kwargs):
+        _check_layer_dtype(kwargs, "SequenceMask")
         super().__init__(**kwargs)
-        if maxlen is not None and (not isinstance(maxlen, int) or isinstance(maxlen, bool) or maxlen < 0):
-            raise ValueError(f"`maxlen` must be None or a non-negative int. Received: maxlen={maxlen!r}")
-        try:
-            tf.as_dtype(output_dtype)
-        except TypeError:
-            raise ValueError(
-                f"`output_dtype` must be a dtype name such as 'float32' or 'bool'. "
-                f"Received: output_dtype={output_dtype!r}"
-            ) from None
-        self.maxlen = maxlen
-        self.output_dtype = tf.as_dtype(output_dtype).name
+        self.maxlen = _check_maxlen(maxlen)
+        self.output_dtype = _check_mask_dtype(output_dtype)
 
     def call(self, lengths, reference=None):
         lengths = tf.convert_to_tensor(lengths)
@@ -147,6 +141,7 @@ class SequenceLossLayer(keras.layers.Layer):
                 "`reduction` of `SequenceLossLayer` must reduce to a scalar for `add_loss`: "
                 f"'sum_over_batch_size' or 'sum'. Received: reduction={reduction!r}"
             )
+        _check_layer_dtype(kwargs, "SequenceLossLayer")
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.supports_masking = True
@@ -238,7 +233,8 @@ class FusedLinearHead(keras.layers.Layer):
         top_k: keyword-only. `None` (default): inference returns the logits; an int `k`: it returns
             `(values, ids)` of the `k` largest logits of every token.
         reduction: keyword-only. `"sum_over_batch_size"` (default) or `"sum"`, for non-scalar flags.
-        **kwargs: passed to `keras.layers.Layer` (`name`, `dtype`, ...).
+        **kwargs: passed to `keras.layers.Layer` (`name`, `dtype`, ...); `dtype` must be floating (the
+            kernel's), e.g. `"float32"` or `"mixed_bfloat16"`.
 
     Example:
 
@@ -273,6 +269,7 @@ class FusedLinearHead(keras.layers.Layer):
         reduction: str = "sum_over_batch_size",
         **kwargs,
     ):
+        _check_layer_dtype(kwargs, "FusedLinearHead", floating=True)
         super().__init__(**kwargs)
         if isinstance(units, bool) or not isinstance(units, int) or units < 1:
             raise ValueError(f"`units` must be a positive int (the number of classes). Received: units={units!r}")
@@ -285,6 +282,8 @@ class FusedLinearHead(keras.layers.Layer):
             average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch, None,
             padding_id, label_smoothing, epsilon, "auto", allow_tensors=False)
         self.units = units
+        if not isinstance(use_bias, (bool, np.bool_)):  # `bool("False")` is True: refuse rather than guess.
+            raise TypeError(f"`use_bias` must be a Python bool. Received: use_bias={use_bias!r}")
         self.use_bias = bool(use_bias)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
@@ -365,3 +364,40 @@ class FusedLinearHead(keras.layers.Layer):
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, epsilon=self.epsilon,
             chunk_size=self.chunk_size, top_k=self.top_k, reduction=self.reduction)
         return config
+
+
+# The largest time size TensorFlow indexes with int32 (`tf.shape`'s default): a larger `maxlen` only fails,
+# or allocates a mask of more than 2**31 entries a row, when the layer is first called.
+_MAX_MAXLEN = np.iinfo(np.int32).max
+
+
+def _check_layer_dtype(kwargs: dict, owner: str, *, floating: bool = False) -> None:
+    """Refuses a bad `dtype` before `Layer.__init__`, whose messages (Keras 3 and tf_keras) do not name it."""
+    if kwargs.get("dtype") is not None:
+        _checks.dtype_policy(kwargs["dtype"], owner, floating=floating)
+
+
+def _check_maxlen(maxlen) -> Optional[int]:
+    if maxlen is None:
+        return None
+    if isinstance(maxlen, (bool, np.bool_)) or not isinstance(maxlen, (int, np.integer)) \
+            or not 0 <= maxlen <= _MAX_MAXLEN:
+        raise ValueError(
+            f"Invalid value for argument `maxlen`. Expected None or an int in [0, {_MAX_MAXLEN}] (2**31 - 1, the "
+            f"largest int32 time size). Received: maxlen={maxlen!r}"
+        )
+    return int(maxlen)
+
+
+def _check_mask_dtype(output_dtype) -> str:
+    try:
+        dtype = tf.as_dtype(output_dtype)
+    except TypeError:
+        dtype = None
+    # `tf.sequence_mask` casts a bool mask: strings, complex, quantized and resource types fail when called.
+    if dtype is None or not (dtype.is_bool or dtype.is_floating or dtype.is_integer):
+        raise ValueError(
+            "Invalid value for argument `output_dtype`. Expected 'bool' or a floating or integer dtype name "
+            f"(e.g. 'float32', 'int32'). Received: output_dtype={output_dtype!r}"
+        )
+    return dtype.name

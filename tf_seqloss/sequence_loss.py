@@ -88,7 +88,8 @@ def sequence_loss(
             classes`. For sparse targets no one-hot matrix is built. Not allowed with
             `softmax_loss_function`.
         epsilon: keyword-only. `None` (default) divides with `divide_no_nan`; a number divides by
-            `normaliser + epsilon` instead, reproducing contrib 1.4 to 1.13 with `epsilon=1e-12`.
+            `normaliser + epsilon` instead, reproducing contrib 1.4 to 1.13 with `epsilon=1e-12`. A
+            Python or NumPy number in `[0, 3.4e38]` (finite in float32; `inf` and NaN are refused).
         implementation: keyword-only. How the per-token loss of sparse targets is computed, one of
             `tf_seqloss.IMPLEMENTATIONS`; every choice gives the same values and gradients (first and
             second order) to float tolerance. `"reference"` is
@@ -274,6 +275,8 @@ def check_options(average_across_timesteps, average_across_batch, sum_over_times
             "`softmax_loss_function` must be None or a callable taking `labels=` and `logits=`. "
             f"Received: softmax_loss_function={softmax_loss_function!r}"
         )
+    if softmax_loss_function is not None:
+        _check_custom_loss(softmax_loss_function)  # When built, for `SequenceLoss` and the layer.
     padding_id = _checks.check_padding_id(padding_id)
     label_smoothing = _checks.check_label_smoothing(label_smoothing, allow_tensor=allow_tensors)
     if softmax_loss_function is not None and not _checks.is_zero(label_smoothing):
@@ -281,8 +284,7 @@ def check_options(average_across_timesteps, average_across_batch, sum_over_times
             "`label_smoothing` cannot be combined with `softmax_loss_function`: smooth the labels inside "
             f"your function instead. Received: label_smoothing={label_smoothing}"
         )
-    if epsilon is not None and not (_checks.is_real_number(epsilon) and epsilon >= 0):
-        raise ValueError(f"`epsilon` must be None or a non-negative number. Received: epsilon={epsilon!r}")
+    _checks.check_epsilon(epsilon)
     cross_entropy.check_implementation(implementation)
     normalizer = distribute.check_normalizer(
         normalizer, allow_tensor=allow_tensors,
