@@ -9,6 +9,7 @@ bind mount in a private mount namespace, an immutable file) and monkeypatched wh
 """
 
 import configparser
+import contextlib
 import errno
 import fnmatch
 import json
@@ -363,6 +364,17 @@ def test_a_file_changed_while_it_was_rewritten_is_not_overwritten(tmp_path, caps
     assert "it changed on disk while it was being rewritten" in _errors(err)[0]
 
 
+def test_a_hard_linked_file_is_rewritten_with_a_warning_for_its_other_names(tmp_path, capsys):
+    target, other_name = tmp_path / "m.py", tmp_path / "alias.txt"
+    target.write_text(_lines(BEFORE))
+    os.link(target, other_name)
+    assert main([str(target), "--write"]) == 0
+    _, err = capsys.readouterr()
+    assert target.read_text() == _lines(AFTER) and other_name.read_text() == _lines(BEFORE)
+    assert f"{target}:1:1: WARNING: it had 2 hard links: it is now a new file, and its other names still show the " \
+           "old text" in err.splitlines()
+
+
 def test_a_symbolic_link_named_on_the_command_line_is_followed_and_kept(tmp_path, capsys):
     real, link = tmp_path / "real.py", tmp_path / "link.py"
     real.write_text(_lines(BEFORE))
@@ -569,13 +581,22 @@ def test_a_walk_follows_no_symbolic_link(tmp_path, capsys):
 
 
 def test_a_tree_deeper_than_the_recursion_limit_is_walked(tmp_path, capsys):
-    deep = tmp_path
-    for _ in range(sys.getrecursionlimit() + 100):  # pathlib's and os's own makedirs recurse
-        deep = deep / "d"
-        deep.mkdir()
-    (deep / "m.py").write_text(_lines(BEFORE))
-    assert main([str(tmp_path), "--write"]) == 0
-    assert (deep / "m.py").read_text() == _lines(AFTER)
+    folders = [tmp_path / "deep"]
+    for _ in range(sys.getrecursionlimit() + 100):  # pathlib's and os's makedirs, walk and rmtree recurse
+        folders.append(folders[-1] / "d")
+    try:
+        for folder in folders:
+            folder.mkdir()
+        (folders[-1] / "m.py").write_text(_lines(BEFORE))
+        assert main([str(tmp_path), "--write"]) == 0
+        assert (folders[-1] / "m.py").read_text() == _lines(AFTER)
+    finally:
+        # Removed here, bottom up: pytest's own clean-up of old temporary folders would recurse too deep.
+        with contextlib.suppress(FileNotFoundError):
+            (folders[-1] / "m.py").unlink()
+        for folder in reversed(folders):
+            with contextlib.suppress(FileNotFoundError):
+                folder.rmdir()
 
 
 def test_a_file_with_a_long_name_is_rewritten(tmp_path, capsys):
