@@ -1,25 +1,33 @@
 """`tf-seqloss-upgrade`: rewrites TF1 contrib, TensorFlow Addons and `tf.losses` code to `tf_seqloss`.
 
-Needs the `upgrade` extra (`pip install "tf_seqloss[upgrade]"`, which brings libcst); without it, importing
-this module raises an `ImportError` that names that command.
+The rewriter lives in `tf_seqloss_upgrade`, a package of its own in the same distribution that imports
+only libcst and the standard library, so that the command starts without TensorFlow; this module
+re-exports it for the code that imports it from here. (Importing it from here runs `tf_seqloss`'s own
+`__init__` first, which imports TensorFlow to register the Keras classes; `tf_seqloss_upgrade` does not.)
+
+Needs the `upgrade` extra (`pip install "tf_seqloss[upgrade]"`, which brings libcst); without it,
+importing this module raises an `ImportError` that names that command.
 
 ```python
 from tf_seqloss.upgrade import upgrade_source
-result = upgrade_source(open("model.py").read(), path="model.py", contrib_version="1.15")
+result = upgrade_source(open("model.py", newline="").read(), path="model.py", contrib_version="1.15")
 print(result.code)
 for finding in result.findings:
     print(finding)          # path:line:col: LEVEL: message
 ```
 """
 
-from tf_seqloss.upgrade._rewriter import (
+from tf_seqloss_upgrade import (
     CONTRIB_VERSIONS,
     SOFTMAX_LOSS_FUNCTION_SUGGESTION,
+    FileResult,
     Finding,
     UpgradeResult,
+    main,
+    upgrade_notebook_bytes,
+    upgrade_python_bytes,
     upgrade_source,
 )
-from tf_seqloss.upgrade.cli import main
 
-__all__ = ["CONTRIB_VERSIONS", "SOFTMAX_LOSS_FUNCTION_SUGGESTION", "Finding", "UpgradeResult", "main",
-           "upgrade_source"]
+__all__ = ["CONTRIB_VERSIONS", "SOFTMAX_LOSS_FUNCTION_SUGGESTION", "FileResult", "Finding", "UpgradeResult", "main",
+           "upgrade_notebook_bytes", "upgrade_python_bytes", "upgrade_source"]
