@@ -108,28 +108,40 @@ def fake_checkout(tmp_path):
     return tmp_path
 
 
-def test_test_sh_streams_progress_and_prints_both_results(tmp_path):
+# The script passes -q itself: a caller's -q used to make it -qq, at which pytest prints no summary line.
+QUIETER = [[], ["-q"], ["--quiet", "-qq"]]
+
+
+@pytest.mark.parametrize("extra", QUIETER + [["-v"], ["-vv"]], ids=lambda extra: " ".join(extra) or "none")
+def test_test_sh_streams_progress_and_prints_both_results(tmp_path, extra):
     root = fake_checkout(tmp_path)
     # TF_USE_LEGACY_KERAS=1 in the caller's environment must reach the tf_keras suite only.
     env = dict(os.environ, TF_SEQLOSS_PROGRESS_SECONDS="1", TF_USE_LEGACY_KERAS="1")
-    process = subprocess.Popen(["bash", "scripts/test.sh", "tests"], cwd=root, env=env, text=True,
+    process = subprocess.Popen(["bash", "scripts/test.sh", "tests", *extra], cwd=root, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Up to -v the waiting test's dot may be out, its line not yet counted; from -vv a test has a line.
+    started = r"1/3" if extra == ["-vv"] else r"[12]/\?"
     lines = []
     for line in process.stdout:
         lines.append(line.rstrip("\n"))
         # Both suites have run their first test and wait for this: the progress reached us meanwhile.
-        if re.fullmatch(r"\[test\.sh\] \d+ s: keras3 [12]/\? tests run \(0 failed\); "
-                        r"tf_keras [12]/\? tests run \(0 failed\)", lines[-1]):
+        if re.fullmatch(rf"\[test\.sh\] \d+ s: keras3 {started} tests run \(0 failed\); "
+                        rf"tf_keras {started} tests run \(0 failed\)", lines[-1]):
             (root / "go").touch()
     assert process.wait(timeout=120) == 1, "\n".join(lines)  # the tf_keras suite failed
     assert (root / "go").exists(), "\n".join(lines)
-    assert re.search(r"^\[keras3\] \.\.\. +\[3/3\]$", "\n".join(lines), re.M), lines
-    assert re.search(r"^\[tf_keras\] \.\.F +\[3/3\]$", "\n".join(lines), re.M), lines
+    if extra == ["-vv"]:
+        assert re.search(r"^\[tf_keras\] tests/test_fake\.py::test_runs_under_keras_3 FAILED +\[3/3\]$",
+                         "\n".join(lines), re.M), lines
+    else:  # -v (verbosity 0 with the script's -q) puts the file's name before the dots
+        assert re.search(r"^\[keras3\] (tests/test_fake\.py )?\.\.\. +\[3/3\]$", "\n".join(lines), re.M), lines
+        assert re.search(r"^\[tf_keras\] (tests/test_fake\.py )?\.\.F +\[3/3\]$", "\n".join(lines), re.M), lines
     keras3 = lines.index("== Keras 3 ==")
     tf_keras = lines.index("== tf_keras (TF_USE_LEGACY_KERAS=1) ==")
     assert keras3 < tf_keras
-    assert re.fullmatch(r"3 passed in [\d.]+s", lines[tf_keras - 1]), lines[keras3:]
-    assert re.fullmatch(r"1 failed, 2 passed in [\d.]+s", lines[-1]), lines[tf_keras:]
+    # pytest's closing summary line, framed by `=` from verbosity 0 on.
+    assert re.fullmatch(r"(=+ )?3 passed in [\d.]+s( =+)?", lines[tf_keras - 1]), lines[keras3:]
+    assert re.fullmatch(r"(=+ )?1 failed, 2 passed in [\d.]+s( =+)?", lines[-1]), lines[tf_keras:]
     assert "AssertionError" in "\n".join(lines[tf_keras:])  # the full result, failure included
 
 
