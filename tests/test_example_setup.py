@@ -200,14 +200,26 @@ E0000 00:00:1795519593.469245    3867 cuda_platform.cc:52] failed call to cuInit
 E0000 00:00:1795519593.621306    3867 util.cc:131] oneDNN supports DT_INT64 only on platforms with AVX-512. Falling back to the default Eigen-based implementation if present.
 E0000 00:00:1763000000.000001    4242 computation_placer.cc:177] computation placer already registered. Please check linkage and avoid linking the same target more than once.
 """.splitlines(keepends=True)
+# Lines that are no start-up noise, in both of TensorFlow's formats (absl's, 2.21; dated, 2.16-2.20). The
+# two W lines are recorded (an out-of-bounds `tf.strided_slice` on 2.21 and on 2.16).
 REAL = b"""W0000 00:00:1795519593.700000    3867 op_kernel.cc:1857] OP_REQUIRES failed at strided_slice_op.cc:117 : INVALID_ARGUMENT: slice index 5 of dimension 0 out of bounds.
 E0000 00:00:1795519593.700001    3867 op_kernel.cc:1830] OpKernel ('op: "Foo"') for unknown op: Foo
 F0000 00:00:1795519593.700002    3867 tensor.cc:1111] Check failed: NDims() == 2 (3 vs. 2)
+2026-12-02 02:47:11.927716: W tensorflow/core/framework/op_kernel.cc:1839] OP_REQUIRES failed at strided_slice_op.cc:117 : INVALID_ARGUMENT: slice index 5 of dimension 0 out of bounds.
+2026-12-02 02:47:11.927717: E tensorflow/core/framework/op_kernel.cc:1830] OpKernel ('op: "Foo"') for unknown op: Foo
+2026-12-02 02:47:11.927718: F tensorflow/core/framework/tensor.cc:1111] Check failed: NDims() == 2 (3 vs. 2)
 Traceback (most recent call last):
   File "x.py", line 1, in <module>
 ValueError: `epochs` must be non-negative. Received: epochs=-1
 To enable the following instructions: not after a kept line
 """.splitlines(keepends=True)
+# The test's own reading of a log line's severity, in either format (None: not a log line).
+SEVERITY = re.compile(rb"^(?:([IWEF])\d{4} \d\d:\d\d:[\d.]+ +\d+ |\d{4}-\d\d-\d\d \d\d:\d\d:[\d.]+: ([IWEF]) )\S+:\d+\] ")
+
+
+def severity_of(line):
+    match = SEVERITY.match(line)
+    return match and (match.group(1) or match.group(2))
 
 
 @pytest.mark.parametrize("level", [0, 1, 2, 3])
@@ -216,13 +228,75 @@ def test_start_up_filter_applies_the_log_level_and_keeps_real_errors(level):
 
     kept = list(filter_lines(START_UP + REAL, level))
     severity = {0: b"IWEF", 1: b"WEF", 2: b"EF", 3: b"F"}[level]
-    expected = [line for line in REAL if line[:1] not in b"IWEF" or line[:1] in severity]
+    expected = [line for line in REAL if severity_of(line) is None or severity_of(line) in severity]
     if level == 0:
         assert kept == START_UP + REAL  # nothing dropped
     elif level == 1:  # the preamble, the I lines and the cpu_feature_guard line's continuation go
         assert kept == [START_UP[i] for i in (5, 6, 7)] + expected
     else:
         assert kept == expected
-    # A failed cuInit is an error when TensorFlow did not first say that there is no CUDA driver.
-    assert list(filter_lines([START_UP[5]], 2)) == [START_UP[5]]
 
+
+def test_a_failed_cu_init_is_dropped_only_where_there_is_no_cuda_driver():
+    from examples.seq2seq._startup_log import filter_lines
+
+    # 303 is the answer of TensorFlow's CUDA stub when it found no driver library to load (recorded on 2.21
+    # and, where TensorFlow does not first say so at level 2, on 2.18).
+    dated = next(line for line in recorded_start_up("2.18.1", "keras3", 2) if b"failed call to cuInit" in line)
+    assert list(filter_lines([START_UP[5]], 2)) == list(filter_lines([dated], 2)) == []
+    # With a driver, a failed cuInit is a real error (no GPU, a driver too old, ...).
+    for line in (START_UP[5], dated):
+        no_device = line.replace(b"UNKNOWN ERROR (303)", b"CUDA_ERROR_NO_DEVICE: no CUDA-capable device is detected")
+        assert list(filter_lines([no_device], 2)) == [no_device]
+    # After TensorFlow said there is no CUDA driver, whatever the code.
+    no_driver = [START_UP[2], no_device]
+    assert list(filter_lines(no_driver, 2)) == []
+    assert list(filter_lines(no_driver, 1)) == [no_device]
+
+
+# What the example printed on stderr on a 2-core CPU-only machine, one epoch with tiny settings, per
+# TensorFlow version and Keras flavour: at TF_CPP_MIN_LOG_LEVEL=0 (nothing filtered), and at 2 (the
+# example's default) with the filter off (see its README).
+START_UP_LOGS = DATA / "startup_log"
+RECORDED_VERSIONS = ("2.16.2", "2.18.1", "2.20.0", "2.21.0")
+
+
+def recorded_start_up(version, flavour, level):
+    path = START_UP_LOGS / f"tensorflow-{version}-{flavour}-level{level}.txt"
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def test_recorded_start_up_logs_hold_only_log_lines_in_both_formats():
+    assert {path.name for path in START_UP_LOGS.glob("*.txt")} == {
+        f"tensorflow-{version}-{flavour}-level{level}.txt"
+        for version in RECORDED_VERSIONS for flavour in ("keras3", "tf_keras") for level in (0, 2)}
+    dated = re.compile(rb"^\d{4}-\d\d-\d\d ")
+    for version in RECORDED_VERSIONS:
+        for level in (0, 2):
+            lines = recorded_start_up(version, "keras3", level)
+            # Besides log lines, only absl's preamble and the continuation of cpu_feature_guard's line.
+            assert all(severity_of(line) or line.startswith((b"WARNING: All log messages before absl",
+                                                             b"To enable ")) for line in lines), (version, level)
+        lines = recorded_start_up(version, "keras3", 0)
+        has_dated, has_absl = any(map(dated.match, lines)), any(line[:1] in b"IWEF" for line in lines)
+        assert (has_dated, has_absl) == {"2.16.2": (True, False), "2.18.1": (True, True), "2.20.0": (True, False),
+                                         "2.21.0": (False, True)}[version]
+
+
+@pytest.mark.parametrize("flavour", ["keras3", "tf_keras"])
+@pytest.mark.parametrize("version", RECORDED_VERSIONS)
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+def test_start_up_filter_silences_what_each_tensorflow_version_printed(level, version, flavour):
+    from examples.seq2seq._startup_log import filter_lines
+
+    lines = recorded_start_up(version, flavour, 0)
+    kept = list(filter_lines(lines, level))
+    if level == 0:
+        assert kept == lines
+    elif level == 1:  # warnings and errors stay; the start-up errors that are no errors go from level 2
+        assert kept == [line for line in lines if severity_of(line) in (b"W", b"E")]
+    else:
+        assert kept == []
+    # What reaches the filter at the example's default level: nothing of it reaches the user.
+    printed = recorded_start_up(version, flavour, 2)
+    assert printed and list(filter_lines(printed, 2)) == []
