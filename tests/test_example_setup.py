@@ -145,6 +145,95 @@ def test_test_sh_streams_progress_and_prints_both_results(tmp_path, extra):
     assert "AssertionError" in "\n".join(lines[tf_keras:])  # the full result, failure included
 
 
+# --- scripts/test_versions.sh ------------------------------------------------------------------------
+
+
+def fake_interpreter(path):
+    """A script at `path` that runs this interpreter."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    path.chmod(0o755)
+    return path
+
+
+def versions_checkout(tmp_path, python_version):
+    """The fake checkout with scripts/test_versions.sh and one combination, `fake`, of `python_version`."""
+    root = fake_checkout(tmp_path / "checkout")
+    shutil.rmtree(root / ".venv")  # the combination must use its own folder
+    shutil.copy(ROOT / "scripts" / "test_versions.sh", root / "scripts")
+    (root / "constraints").mkdir()
+    (root / "constraints" / "fake.txt").write_text(f"# a test's combination\n# python: {python_version}\n")
+    (root / "go").touch()  # FAKE_TESTS' waiting test need not wait
+    return root
+
+
+def run_test_versions(root, *args, **env):
+    return subprocess.run(["bash", "scripts/test_versions.sh", *args], cwd=root, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, **env))
+
+
+def test_test_versions_sh_runs_the_suite_in_the_combinations_own_environment(tmp_path):
+    from importlib.metadata import version
+
+    python_version = "%d.%d.%d" % sys.version_info[:3]
+    root = versions_checkout(tmp_path, python_version)
+    fake_interpreter(root / ".venv-fake" / "bin" / "python")
+    constraints = (root / "constraints" / "fake.txt").read_bytes()
+    stamp = hashlib.sha1((ROOT / "setup.cfg").read_bytes() + (ROOT / "pyproject.toml").read_bytes() + constraints)
+    (root / ".venv-fake" / f".installed-{stamp.hexdigest()[:12]}").touch()  # as _venv.sh marks it installed
+    done = run_test_versions(root, "fake", "tests", "-q", PYENV_ROOT=str(tmp_path / "no-pyenv"),
+                             TF_USE_LEGACY_KERAS="1")
+    assert done.returncode == 1, done.stdout + done.stderr  # the tf_keras suite fails, as FAKE_TESTS says
+    lines = done.stdout.splitlines()
+    assert lines[0] == (f"[test_versions.sh] fake in ./.venv-fake: Python {python_version}, "
+                        + ", ".join(f"{name} {version(name)}" for name in ("tensorflow", "keras", "tf_keras")))
+    assert lines[1].startswith("[test.sh] running the suite")
+    assert re.fullmatch(r"3 passed in [\d.]+s", lines[lines.index("== tf_keras (TF_USE_LEGACY_KERAS=1) ==") - 1])
+    assert re.fullmatch(r"1 failed, 2 passed in [\d.]+s", lines[-1]), lines
+    assert not (root / ".venv").exists()
+
+
+@pytest.mark.parametrize("case", ["unknown combination", "no interpreter", "another interpreter's folder"])
+def test_test_versions_sh_says_what_is_wrong_in_one_line(tmp_path, case):
+    root = versions_checkout(tmp_path, "3.99.1" if case == "no interpreter" else "3.98.1")
+    pyenv = tmp_path / "pyenv"
+    fake_interpreter(pyenv / "versions" / "3.98.1" / "bin" / "python")
+    fake_interpreter(root / ".venv-fake" / "bin" / "python")  # this interpreter's version, not 3.98
+    done = run_test_versions(root, "nonesuch" if case == "unknown combination" else "fake", PYENV_ROOT=str(pyenv))
+    expected = {
+        "unknown combination": (2, "Invalid value for argument `COMBINATION`. Expected oldest, newest or one of: "
+                                   "fake. Received: nonesuch"),
+        "no interpreter": (1, f"The combination fake needs Python 3.99: neither {pyenv}/versions/3.99.1/bin/python "
+                              "nor python3.99 on PATH was found (e.g. `pyenv install 3.99.1`)."),
+        "another interpreter's folder": (1, f"./.venv-fake holds Python {sys.version_info[0]}.{sys.version_info[1]}, "
+                                            "not 3.98: remove it (rm -rf .venv-fake) and run again."),
+    }[case]
+    assert (done.returncode, done.stderr.splitlines()) == (expected[0], [expected[1]])
+
+
+def test_setup_cfg_minimums_are_the_oldest_tested_combination_and_the_readme_names_each():
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    requirements = dict(re.findall(r"^([A-Za-z_]+)>=([\d.]+)$", setup["options"]["install_requires"]
+                                   + setup["options.extras_require"]["test"], re.M))
+    classifiers = setup["metadata"]["classifiers"]
+    readme = (ROOT / "README.md").read_text()
+    combinations = {}
+    for path in sorted((ROOT / "constraints").glob("*.txt")):
+        text = path.read_text()
+        pins = dict(re.findall(r"^([A-Za-z_]+)==([\d.]+)$", text, re.M))
+        python = re.search(r"^# python: (\d+\.\d+)\.\d+$", text, re.M).group(1)
+        combinations[path.stem] = (tuple(map(int, python.split("."))), pins)
+        assert f"Programming Language :: Python :: {python}\n" in classifiers + "\n", path.name
+        assert set(pins) == {"tensorflow", "tf_keras", "keras"}, path.name
+        assert re.search(rf"^bash scripts/test_versions\.sh .*(?<![\w-]){path.stem}(?![\w-])", readme, re.M), path.name
+    oldest_python, oldest_pins = min(combinations.values(), key=lambda combination: combination[0])
+    assert combinations["py39-tf216"] == (oldest_python, oldest_pins)  # the README's `oldest`
+    assert setup["options"]["python_requires"] == ">=%d.%d" % oldest_python
+    for name in ("tensorflow", "tf_keras"):
+        assert oldest_pins[name].startswith(requirements[name] + "."), name
+
+
 # --- what git keeps -----------------------------------------------------------------------------------
 
 
