@@ -181,8 +181,9 @@ def test_test_versions_sh_runs_the_suite_in_the_combinations_own_environment(tmp
     constraints = (root / "constraints" / "fake.txt").read_bytes()
     stamp = hashlib.sha1((ROOT / "setup.cfg").read_bytes() + (ROOT / "pyproject.toml").read_bytes() + constraints)
     (root / ".venv-fake" / f".installed-{stamp.hexdigest()[:12]}").touch()  # as _venv.sh marks it installed
-    done = run_test_versions(root, "fake", "tests", "-q", PYENV_ROOT=str(tmp_path / "no-pyenv"),
-                             TF_USE_LEGACY_KERAS="1")
+    pyenv = tmp_path / "pyenv"  # whatever Pythons the machine has
+    fake_interpreter(pyenv / "versions" / python_version / "bin" / "python")
+    done = run_test_versions(root, "fake", "tests", "-q", PYENV_ROOT=str(pyenv), TF_USE_LEGACY_KERAS="1")
     assert done.returncode == 1, done.stdout + done.stderr  # the tf_keras suite fails, as FAKE_TESTS says
     lines = done.stdout.splitlines()
     assert lines[0] == (f"[test_versions.sh] fake in ./.venv-fake: Python {python_version}, "
