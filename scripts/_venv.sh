@@ -8,6 +8,8 @@ cd "$root"
 python="${PYTHON:-python3}"
 venv="${TF_SEQLOSS_VENV:-.venv}"
 constraints="${TF_SEQLOSS_CONSTRAINTS:-}"
+# They are for this script alone: the suite (its tests run these scripts in fake checkouts) must not see them.
+export -n PYTHON TF_SEQLOSS_VENV TF_SEQLOSS_CONSTRAINTS
 if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
 fi

@@ -27,7 +27,7 @@ case "$combination" in
     -h|--help) echo "$usage"; exit 0 ;;
 esac
 constraints="constraints/$combination.txt"
-if [ ! -f "$constraints" ]; then
+if [[ "$combination" == */* || ! -f "$constraints" ]]; then
     echo "Invalid value for argument \`COMBINATION\`. Expected oldest, newest or one of: $combinations. Received: $combination" >&2
     exit 2
 fi
@@ -65,4 +65,5 @@ import platform
 from importlib.metadata import version
 print(", ".join(["Python " + platform.python_version()]
                 + [name + " " + version(name) for name in ("tensorflow", "keras", "tf_keras")]))')"
-exec bash scripts/test.sh "$@"
+# _venv.sh keeps its settings from the suite's environment: test.sh is given them again.
+TF_SEQLOSS_VENV="$venv" PYTHON="$python" TF_SEQLOSS_CONSTRAINTS="$constraints" exec bash scripts/test.sh "$@"

@@ -92,6 +92,15 @@ def test_runs_under_keras_3():
 '''
 
 
+# The settings of scripts/_venv.sh, which a caller's environment must not pass to the fake checkouts' scripts.
+VENV_SETTINGS = ("PYTHON", "TF_SEQLOSS_VENV", "TF_SEQLOSS_CONSTRAINTS")
+
+
+def script_env(**settings):
+    """This process's environment without VENV_SETTINGS, with `settings`."""
+    return dict({key: value for key, value in os.environ.items() if key not in VENV_SETTINGS}, **settings)
+
+
 def fake_checkout(tmp_path):
     """A copy of the scripts in a folder whose `.venv` is this interpreter and whose suite is FAKE_TESTS."""
     for name in ("setup.cfg", "pyproject.toml", "scripts/_venv.sh", "scripts/test.sh"):
@@ -116,7 +125,7 @@ QUIETER = [[], ["-q"], ["--quiet", "-qq"]]
 def test_test_sh_streams_progress_and_prints_both_results(tmp_path, extra):
     root = fake_checkout(tmp_path)
     # TF_USE_LEGACY_KERAS=1 in the caller's environment must reach the tf_keras suite only.
-    env = dict(os.environ, TF_SEQLOSS_PROGRESS_SECONDS="1", TF_USE_LEGACY_KERAS="1")
+    env = script_env(TF_SEQLOSS_PROGRESS_SECONDS="1", TF_USE_LEGACY_KERAS="1")
     process = subprocess.Popen(["bash", "scripts/test.sh", "tests", *extra], cwd=root, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     # Up to -v the waiting test's dot may be out, its line not yet counted; from -vv a test has a line.
@@ -164,12 +173,15 @@ def versions_checkout(tmp_path, python_version):
     (root / "constraints").mkdir()
     (root / "constraints" / "fake.txt").write_text(f"# a test's combination\n# python: {python_version}\n")
     (root / "go").touch()  # FAKE_TESTS' waiting test need not wait
+    # The scripts' settings stay out of the suite: its own tests of the scripts would inherit them.
+    (root / "tests" / "test_environment.py").write_text(
+        f"import os\n\n\ndef test_no_venv_settings():\n    assert not set({VENV_SETTINGS}) & set(os.environ)\n")
     return root
 
 
 def run_test_versions(root, *args, **env):
     return subprocess.run(["bash", "scripts/test_versions.sh", *args], cwd=root, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, **env))
+                          timeout=300, env=script_env(**env))
 
 
 def test_test_versions_sh_runs_the_suite_in_the_combinations_own_environment(tmp_path):
@@ -189,8 +201,8 @@ def test_test_versions_sh_runs_the_suite_in_the_combinations_own_environment(tmp
     assert lines[0] == (f"[test_versions.sh] fake in ./.venv-fake: Python {python_version}, "
                         + ", ".join(f"{name} {version(name)}" for name in ("tensorflow", "keras", "tf_keras")))
     assert lines[1].startswith("[test.sh] running the suite")
-    assert re.fullmatch(r"3 passed in [\d.]+s", lines[lines.index("== tf_keras (TF_USE_LEGACY_KERAS=1) ==") - 1])
-    assert re.fullmatch(r"1 failed, 2 passed in [\d.]+s", lines[-1]), lines
+    assert re.fullmatch(r"4 passed in [\d.]+s", lines[lines.index("== tf_keras (TF_USE_LEGACY_KERAS=1) ==") - 1])
+    assert re.fullmatch(r"1 failed, 3 passed in [\d.]+s", lines[-1]), lines
     assert not (root / ".venv").exists()
 
 
