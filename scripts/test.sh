@@ -9,7 +9,23 @@ source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 every="${TF_SEQLOSS_PROGRESS_SECONDS:-30}"
 logs="$(mktemp -d)"
 names=(keras3 tf_keras)
-pytest=(.venv/bin/python -u -m pytest -q -p no:cacheprovider -o console_output_style=count "$@")
+# pytest prints its closing summary line only at verbosity -1 or more: the -q below (whose progress format
+# `count` reads) and a caller's -q would drop it. So pytest runs with a plugin that raises the verbosity to
+# -1 once the arguments are read; more verbose arguments (-v) are kept.
+keep_summary='
+import sys
+import pytest
+
+
+class KeepSummary:
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_configure(self, config):
+        config.option.verbose = max(config.option.verbose, -1)
+
+
+sys.exit(pytest.main(sys.argv[1:], plugins=[KeepSummary()]))
+'
+pytest=("$venv/bin/python" -u -c "$keep_summary" -q -p no:cacheprovider -o console_output_style=count "$@")
 
 # `-u`: unbuffered, so that the logs follow the tests. The Keras 3 suite must not inherit a
 # TF_USE_LEGACY_KERAS from the caller's environment.
@@ -20,14 +36,17 @@ pids=($!)
 TF_USE_LEGACY_KERAS=1 TF_SEQLOSS_SHARD=1-3/4 "${pytest[@]}" > "$logs/tf_keras.log" 2>&1 &
 pids+=($!)
 
-count() {  # count NAME: "<tests run>/<collected> (<failed> failed)" from pytest's -q progress so far
+count() {  # count NAME: "<tests run>/<collected> (<failed> failed)" from pytest's progress so far
+    # Progress lines end in `[ 12/345]` once complete: `..F.s` (-q), `tests/test_x.py ..F.s` (-v) or a
+    # test's id and `PASSED`/`FAILED`/... (-vv); the line being written has no count yet.
     awk '
-        /^[.FEsxXp]+ +\[ *[0-9]+\/[0-9]+\]$/ {
-            split($NF, c, "/"); sub(/\[ */, "", c[1]); sub(/\]/, "", c[2]); done = c[1]; total = c[2]
-            failed += gsub(/[FE]/, "", $1); partial = 0; next
+        /\[ *[0-9]+\/[0-9]+\]$/ {
+            n = $NF; gsub(/[^0-9\/]/, "", n); split(n, c, "/"); done = c[1]; total = c[2]
+            for (i = 1; i < NF; i++) if ($i ~ /^[.FEsxXp]+$/) failed += gsub(/[FE]/, "", $i)
+            failed += / (FAILED|ERROR) +\[/; partial = failed_partial = 0; next
         }
-        /^[.FEsxXp]+$/ { partial = length($0); failed_partial = gsub(/[FE]/, "", $0); next }
-        / in [0-9.]+s( \([0-9:]+\))?$/ && /passed|failed|error|skipped|no tests ran/ { finished = $0 }
+        /^([^ ]+\.py )?[.FEsxXp]+$/ { partial = length($NF); failed_partial = gsub(/[FE]/, "", $NF); next }
+        / in [0-9.]+s( \([0-9:]+\))?( =+)?$/ && /passed|failed|error|skipped|no tests ran/ { finished = $0 }
         END {
             if (finished) { print "finished: " finished; exit }
             if (!total && !partial) { print "collecting"; exit }

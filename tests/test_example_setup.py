@@ -98,6 +98,15 @@ def test_runs_under_keras_3():
 '''
 
 
+# The settings of scripts/_venv.sh, which a caller's environment must not pass to the fake checkouts' scripts.
+VENV_SETTINGS = ("PYTHON", "TF_SEQLOSS_VENV", "TF_SEQLOSS_CONSTRAINTS")
+
+
+def script_env(**settings):
+    """This process's environment without VENV_SETTINGS, with `settings`."""
+    return dict({key: value for key, value in os.environ.items() if key not in VENV_SETTINGS}, **settings)
+
+
 def fake_checkout(tmp_path):
     """A copy of the scripts in a folder whose `.venv` is this interpreter and whose suite is FAKE_TESTS."""
     for name in ("setup.cfg", "pyproject.toml", "scripts/_venv.sh", "scripts/test.sh"):
@@ -130,20 +139,27 @@ def output_lines(process, deadline):
         yield seen[-1]
 
 
-def test_test_sh_streams_progress_and_prints_both_results(tmp_path):
+# The script passes -q itself: a caller's -q used to make it -qq, at which pytest prints no summary line.
+QUIETER = [[], ["-q"], ["--quiet", "-qq"]]
+
+
+@pytest.mark.parametrize("extra", QUIETER + [["-v"], ["-vv"]], ids=lambda extra: " ".join(extra) or "none")
+def test_test_sh_streams_progress_and_prints_both_results(tmp_path, extra):
     root = fake_checkout(tmp_path)
     # TF_USE_LEGACY_KERAS=1 in the caller's environment must reach the tf_keras suite only.
-    env = dict(os.environ, TF_SEQLOSS_PROGRESS_SECONDS="1", TF_USE_LEGACY_KERAS="1")
+    env = script_env(TF_SEQLOSS_PROGRESS_SECONDS="1", TF_USE_LEGACY_KERAS="1")
     # Nothing here depends on when the ticker fires: both suites stop in their second test until the
     # progress line that shows both of them there has been seen, however many ticks that takes.
-    process = subprocess.Popen(["bash", "scripts/test.sh", "tests"], cwd=root, env=env, text=True,
+    process = subprocess.Popen(["bash", "scripts/test.sh", "tests", *extra], cwd=root, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    # Up to -v the waiting test's dot may be out, its line not yet counted; from -vv a test has a line.
+    started = r"1/3" if extra == ["-vv"] else r"[12]/\?"
     lines = []
     try:
         for line in output_lines(process, time.monotonic() + 300):
             lines.append(line)
-            if re.fullmatch(r"\[test\.sh\] \d+ s: keras3 [12]/\? tests run \(0 failed\); "
-                            r"tf_keras [12]/\? tests run \(0 failed\)", line):
+            if re.fullmatch(rf"\[test\.sh\] \d+ s: keras3 {started} tests run \(0 failed\); "
+                            rf"tf_keras {started} tests run \(0 failed\)", line):
                 (root / "go").touch()
         assert process.wait(timeout=60) == 1, "\n".join(lines)  # the tf_keras suite failed
     finally:
@@ -151,14 +167,112 @@ def test_test_sh_streams_progress_and_prints_both_results(tmp_path):
             os.killpg(process.pid, signal.SIGKILL)  # test.sh and both suites
             process.wait()
     assert (root / "go").exists(), "\n".join(lines)
-    assert re.search(r"^\[keras3\] \.\.\. +\[3/3\]$", "\n".join(lines), re.M), lines
-    assert re.search(r"^\[tf_keras\] \.\.F +\[3/3\]$", "\n".join(lines), re.M), lines
+    if extra == ["-vv"]:
+        assert re.search(r"^\[tf_keras\] tests/test_fake\.py::test_runs_under_keras_3 FAILED +\[3/3\]$",
+                         "\n".join(lines), re.M), lines
+    else:  # -v (verbosity 0 with the script's -q) puts the file's name before the dots
+        assert re.search(r"^\[keras3\] (tests/test_fake\.py )?\.\.\. +\[3/3\]$", "\n".join(lines), re.M), lines
+        assert re.search(r"^\[tf_keras\] (tests/test_fake\.py )?\.\.F +\[3/3\]$", "\n".join(lines), re.M), lines
     keras3 = lines.index("== Keras 3 ==")
     tf_keras = lines.index("== tf_keras (TF_USE_LEGACY_KERAS=1) ==")
     assert keras3 < tf_keras
-    assert re.fullmatch(r"3 passed in [\d.]+s", lines[tf_keras - 1]), lines[keras3:]
-    assert re.fullmatch(r"1 failed, 2 passed in [\d.]+s", lines[-1]), lines[tf_keras:]
+    # pytest's closing summary line, framed by `=` from verbosity 0 on.
+    assert re.fullmatch(r"(=+ )?3 passed in [\d.]+s( =+)?", lines[tf_keras - 1]), lines[keras3:]
+    assert re.fullmatch(r"(=+ )?1 failed, 2 passed in [\d.]+s( =+)?", lines[-1]), lines[tf_keras:]
     assert "AssertionError" in "\n".join(lines[tf_keras:])  # the full result, failure included
+
+
+# --- scripts/test_versions.sh ------------------------------------------------------------------------
+
+
+def fake_interpreter(path):
+    """A script at `path` that runs this interpreter."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    path.chmod(0o755)
+    return path
+
+
+def versions_checkout(tmp_path, python_version):
+    """The fake checkout with scripts/test_versions.sh and one combination, `fake`, of `python_version`."""
+    root = fake_checkout(tmp_path / "checkout")
+    shutil.rmtree(root / ".venv")  # the combination must use its own folder
+    shutil.copy(ROOT / "scripts" / "test_versions.sh", root / "scripts")
+    (root / "constraints").mkdir()
+    (root / "constraints" / "fake.txt").write_text(f"# a test's combination\n# python: {python_version}\n")
+    (root / "go").touch()  # FAKE_TESTS' waiting test need not wait
+    # The scripts' settings stay out of the suite: its own tests of the scripts would inherit them.
+    (root / "tests" / "test_environment.py").write_text(
+        f"import os\n\n\ndef test_no_venv_settings():\n    assert not set({VENV_SETTINGS}) & set(os.environ)\n")
+    return root
+
+
+def run_test_versions(root, *args, **env):
+    return subprocess.run(["bash", "scripts/test_versions.sh", *args], cwd=root, capture_output=True, text=True,
+                          timeout=300, env=script_env(**env))
+
+
+def test_test_versions_sh_runs_the_suite_in_the_combinations_own_environment(tmp_path):
+    from importlib.metadata import version
+
+    python_version = "%d.%d.%d" % sys.version_info[:3]
+    root = versions_checkout(tmp_path, python_version)
+    fake_interpreter(root / ".venv-fake" / "bin" / "python")
+    constraints = (root / "constraints" / "fake.txt").read_bytes()
+    stamp = hashlib.sha1((ROOT / "setup.cfg").read_bytes() + (ROOT / "pyproject.toml").read_bytes() + constraints)
+    (root / ".venv-fake" / f".installed-{stamp.hexdigest()[:12]}").touch()  # as _venv.sh marks it installed
+    pyenv = tmp_path / "pyenv"  # whatever Pythons the machine has
+    fake_interpreter(pyenv / "versions" / python_version / "bin" / "python")
+    done = run_test_versions(root, "fake", "tests", "-q", PYENV_ROOT=str(pyenv), TF_USE_LEGACY_KERAS="1")
+    assert done.returncode == 1, done.stdout + done.stderr  # the tf_keras suite fails, as FAKE_TESTS says
+    lines = done.stdout.splitlines()
+    assert lines[0] == (f"[test_versions.sh] fake in ./.venv-fake: Python {python_version}, "
+                        + ", ".join(f"{name} {version(name)}" for name in ("tensorflow", "keras", "tf_keras")))
+    assert lines[1].startswith("[test.sh] running the suite")
+    assert re.fullmatch(r"4 passed in [\d.]+s", lines[lines.index("== tf_keras (TF_USE_LEGACY_KERAS=1) ==") - 1])
+    assert re.fullmatch(r"1 failed, 3 passed in [\d.]+s", lines[-1]), lines
+    assert not (root / ".venv").exists()
+
+
+@pytest.mark.parametrize("case", ["unknown combination", "no interpreter", "another interpreter's folder"])
+def test_test_versions_sh_says_what_is_wrong_in_one_line(tmp_path, case):
+    root = versions_checkout(tmp_path, "3.99.1" if case == "no interpreter" else "3.98.1")
+    pyenv = tmp_path / "pyenv"
+    fake_interpreter(pyenv / "versions" / "3.98.1" / "bin" / "python")
+    fake_interpreter(root / ".venv-fake" / "bin" / "python")  # this interpreter's version, not 3.98
+    done = run_test_versions(root, "nonesuch" if case == "unknown combination" else "fake", PYENV_ROOT=str(pyenv))
+    expected = {
+        "unknown combination": (2, "Invalid value for argument `COMBINATION`. Expected oldest, newest or one of: "
+                                   "fake. Received: nonesuch"),
+        "no interpreter": (1, f"The combination fake needs Python 3.99: neither {pyenv}/versions/3.99.1/bin/python "
+                              "nor python3.99 on PATH was found (e.g. `pyenv install 3.99.1`)."),
+        "another interpreter's folder": (1, f"./.venv-fake holds Python {sys.version_info[0]}.{sys.version_info[1]}, "
+                                            "not 3.98: remove it (rm -rf .venv-fake) and run again."),
+    }[case]
+    assert (done.returncode, done.stderr.splitlines()) == (expected[0], [expected[1]])
+
+
+def test_setup_cfg_minimums_are_the_oldest_tested_combination_and_the_readme_names_each():
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    requirements = dict(re.findall(r"^([A-Za-z_]+)>=([\d.]+)$", setup["options"]["install_requires"]
+                                   + setup["options.extras_require"]["test"], re.M))
+    classifiers = setup["metadata"]["classifiers"]
+    readme = (ROOT / "README.md").read_text()
+    combinations = {}
+    for path in sorted((ROOT / "constraints").glob("*.txt")):
+        text = path.read_text()
+        pins = dict(re.findall(r"^([A-Za-z_]+)==([\d.]+)$", text, re.M))
+        python = re.search(r"^# python: (\d+\.\d+)\.\d+$", text, re.M).group(1)
+        combinations[path.stem] = (tuple(map(int, python.split("."))), pins)
+        assert f"Programming Language :: Python :: {python}\n" in classifiers + "\n", path.name
+        assert set(pins) == {"tensorflow", "tf_keras", "keras"}, path.name
+        assert re.search(rf"^bash scripts/test_versions\.sh .*(?<![\w-]){path.stem}(?![\w-])", readme, re.M), path.name
+    oldest_python, oldest_pins = min(combinations.values(), key=lambda combination: combination[0])
+    assert combinations["py39-tf216"] == (oldest_python, oldest_pins)  # the README's `oldest`
+    assert setup["options"]["python_requires"] == ">=%d.%d" % oldest_python
+    for name in ("tensorflow", "tf_keras"):
+        assert oldest_pins[name].startswith(requirements[name] + "."), name
 
 
 # --- what git keeps -----------------------------------------------------------------------------------
@@ -216,14 +330,26 @@ E0000 00:00:1795519593.469245    3867 cuda_platform.cc:52] failed call to cuInit
 E0000 00:00:1795519593.621306    3867 util.cc:131] oneDNN supports DT_INT64 only on platforms with AVX-512. Falling back to the default Eigen-based implementation if present.
 E0000 00:00:1763000000.000001    4242 computation_placer.cc:177] computation placer already registered. Please check linkage and avoid linking the same target more than once.
 """.splitlines(keepends=True)
+# Lines that are no start-up noise, in both of TensorFlow's formats (absl's, 2.21; dated, 2.16-2.20). The
+# two W lines are recorded (an out-of-bounds `tf.strided_slice` on 2.21 and on 2.16).
 REAL = b"""W0000 00:00:1795519593.700000    3867 op_kernel.cc:1857] OP_REQUIRES failed at strided_slice_op.cc:117 : INVALID_ARGUMENT: slice index 5 of dimension 0 out of bounds.
 E0000 00:00:1795519593.700001    3867 op_kernel.cc:1830] OpKernel ('op: "Foo"') for unknown op: Foo
 F0000 00:00:1795519593.700002    3867 tensor.cc:1111] Check failed: NDims() == 2 (3 vs. 2)
+2026-12-02 02:47:11.927716: W tensorflow/core/framework/op_kernel.cc:1839] OP_REQUIRES failed at strided_slice_op.cc:117 : INVALID_ARGUMENT: slice index 5 of dimension 0 out of bounds.
+2026-12-02 02:47:11.927717: E tensorflow/core/framework/op_kernel.cc:1830] OpKernel ('op: "Foo"') for unknown op: Foo
+2026-12-02 02:47:11.927718: F tensorflow/core/framework/tensor.cc:1111] Check failed: NDims() == 2 (3 vs. 2)
 Traceback (most recent call last):
   File "x.py", line 1, in <module>
 ValueError: `epochs` must be non-negative. Received: epochs=-1
 To enable the following instructions: not after a kept line
 """.splitlines(keepends=True)
+# The test's own reading of a log line's severity, in either format (None: not a log line).
+SEVERITY = re.compile(rb"^(?:([IWEF])\d{4} \d\d:\d\d:[\d.]+ +\d+ |\d{4}-\d\d-\d\d \d\d:\d\d:[\d.]+: ([IWEF]) )\S+:\d+\] ")
+
+
+def severity_of(line):
+    match = SEVERITY.match(line)
+    return match and (match.group(1) or match.group(2))
 
 
 @pytest.mark.parametrize("level", [0, 1, 2, 3])
@@ -232,13 +358,75 @@ def test_start_up_filter_applies_the_log_level_and_keeps_real_errors(level):
 
     kept = list(filter_lines(START_UP + REAL, level))
     severity = {0: b"IWEF", 1: b"WEF", 2: b"EF", 3: b"F"}[level]
-    expected = [line for line in REAL if line[:1] not in b"IWEF" or line[:1] in severity]
+    expected = [line for line in REAL if severity_of(line) is None or severity_of(line) in severity]
     if level == 0:
         assert kept == START_UP + REAL  # nothing dropped
     elif level == 1:  # the preamble, the I lines and the cpu_feature_guard line's continuation go
         assert kept == [START_UP[i] for i in (5, 6, 7)] + expected
     else:
         assert kept == expected
-    # A failed cuInit is an error when TensorFlow did not first say that there is no CUDA driver.
-    assert list(filter_lines([START_UP[5]], 2)) == [START_UP[5]]
 
+
+def test_a_failed_cu_init_is_dropped_only_where_there_is_no_cuda_driver():
+    from examples.seq2seq._startup_log import filter_lines
+
+    # 303 is the answer of TensorFlow's CUDA stub when it found no driver library to load (recorded on 2.21
+    # and, where TensorFlow does not first say so at level 2, on 2.18).
+    dated = next(line for line in recorded_start_up("2.18.1", "keras3", 2) if b"failed call to cuInit" in line)
+    assert list(filter_lines([START_UP[5]], 2)) == list(filter_lines([dated], 2)) == []
+    # With a driver, a failed cuInit is a real error (no GPU, a driver too old, ...).
+    for line in (START_UP[5], dated):
+        no_device = line.replace(b"UNKNOWN ERROR (303)", b"CUDA_ERROR_NO_DEVICE: no CUDA-capable device is detected")
+        assert list(filter_lines([no_device], 2)) == [no_device]
+    # After TensorFlow said there is no CUDA driver, whatever the code.
+    no_driver = [START_UP[2], no_device]
+    assert list(filter_lines(no_driver, 2)) == []
+    assert list(filter_lines(no_driver, 1)) == [no_device]
+
+
+# What the example printed on stderr on a 2-core CPU-only machine, one epoch with tiny settings, per
+# TensorFlow version and Keras flavour: at TF_CPP_MIN_LOG_LEVEL=0 (nothing filtered), and at 2 (the
+# example's default) with the filter off (see its README).
+START_UP_LOGS = DATA / "startup_log"
+RECORDED_VERSIONS = ("2.16.2", "2.18.1", "2.20.0", "2.21.0")
+
+
+def recorded_start_up(version, flavour, level):
+    path = START_UP_LOGS / f"tensorflow-{version}-{flavour}-level{level}.txt"
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def test_recorded_start_up_logs_hold_only_log_lines_in_both_formats():
+    assert {path.name for path in START_UP_LOGS.glob("*.txt")} == {
+        f"tensorflow-{version}-{flavour}-level{level}.txt"
+        for version in RECORDED_VERSIONS for flavour in ("keras3", "tf_keras") for level in (0, 2)}
+    dated = re.compile(rb"^\d{4}-\d\d-\d\d ")
+    for version in RECORDED_VERSIONS:
+        for level in (0, 2):
+            lines = recorded_start_up(version, "keras3", level)
+            # Besides log lines, only absl's preamble and the continuation of cpu_feature_guard's line.
+            assert all(severity_of(line) or line.startswith((b"WARNING: All log messages before absl",
+                                                             b"To enable ")) for line in lines), (version, level)
+        lines = recorded_start_up(version, "keras3", 0)
+        has_dated, has_absl = any(map(dated.match, lines)), any(line[:1] in b"IWEF" for line in lines)
+        assert (has_dated, has_absl) == {"2.16.2": (True, False), "2.18.1": (True, True), "2.20.0": (True, False),
+                                         "2.21.0": (False, True)}[version]
+
+
+@pytest.mark.parametrize("flavour", ["keras3", "tf_keras"])
+@pytest.mark.parametrize("version", RECORDED_VERSIONS)
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+def test_start_up_filter_silences_what_each_tensorflow_version_printed(level, version, flavour):
+    from examples.seq2seq._startup_log import filter_lines
+
+    lines = recorded_start_up(version, flavour, 0)
+    kept = list(filter_lines(lines, level))
+    if level == 0:
+        assert kept == lines
+    elif level == 1:  # warnings and errors stay; the start-up errors that are no errors go from level 2
+        assert kept == [line for line in lines if severity_of(line) in (b"W", b"E")]
+    else:
+        assert kept == []
+    # What reaches the filter at the example's default level: nothing of it reaches the user.
+    printed = recorded_start_up(version, flavour, 2)
+    assert printed and list(filter_lines(printed, 2)) == []
