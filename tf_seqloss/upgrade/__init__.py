@@ -17,17 +17,7 @@ for finding in result.findings:
 ```
 """
 
-from tf_seqloss_upgrade import (
-    CONTRIB_VERSIONS,
-    SOFTMAX_LOSS_FUNCTION_SUGGESTION,
-    FileResult,
-    Finding,
-    UpgradeResult,
-    main,
-    upgrade_notebook_bytes,
-    upgrade_python_bytes,
-    upgrade_source,
-)
+import tf_seqloss_upgrade
+from tf_seqloss_upgrade import *  # noqa: F401,F403 - the same public names, listed once, in tf_seqloss_upgrade
 
-__all__ = ["CONTRIB_VERSIONS", "SOFTMAX_LOSS_FUNCTION_SUGGESTION", "FileResult", "Finding", "UpgradeResult", "main",
-           "upgrade_notebook_bytes", "upgrade_python_bytes", "upgrade_source"]
+__all__ = list(tf_seqloss_upgrade.__all__)
