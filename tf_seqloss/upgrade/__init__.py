@@ -5,16 +5,7 @@ only libcst and the standard library, so that the command starts without TensorF
 re-exports it for the code that imports it from here. (Importing it from here runs `tf_seqloss`'s own
 `__init__` first, which imports TensorFlow to register the Keras classes; `tf_seqloss_upgrade` does not.)
 
-Needs the `upgrade` extra (`pip install "tf_seqloss[upgrade]"`, which brings libcst); without it,
-importing this module raises an `ImportError` that names that command.
-
-```python
-from tf_seqloss.upgrade import upgrade_source
-result = upgrade_source(open("model.py", newline="").read(), path="model.py", contrib_version="1.15")
-print(result.code)
-for finding in result.findings:
-    print(finding)          # path:line:col: LEVEL: message
-```
+Needs the `upgrade` extra; `tf_seqloss_upgrade`'s docstring shows its use.
 """
 
 import tf_seqloss_upgrade
