@@ -37,7 +37,7 @@ import tensorflow as tf  # noqa: E402
 from _common import load_average, machine, write_results  # noqa: E402  (benchmarks/ is on the path)
 
 import tf_seqloss  # noqa: E402
-from tf_seqloss import cross_entropy as _xent  # noqa: E402
+from tf_seqloss import _cross_entropy as _xent  # noqa: E402
 
 DEFAULT_SHAPES = "8x20x100,16x128x1000,16x128x4000,16x128x16000,16x128x32000"
 MODES = ("eager", "function", "xla")

@@ -16,8 +16,8 @@ MODULES = sorted(
 
 
 def test_every_module_is_collected_and_the_public_faces_have_examples():
-    assert {"tf_seqloss.sequence_loss", "tf_seqloss.keras_loss", "tf_seqloss.layers"} <= set(MODULES)
-    for name in ("tf_seqloss.sequence_loss", "tf_seqloss.keras_loss", "tf_seqloss.layers"):
+    assert {"tf_seqloss._sequence_loss", "tf_seqloss._keras_loss", "tf_seqloss._layers"} <= set(MODULES)
+    for name in ("tf_seqloss._sequence_loss", "tf_seqloss._keras_loss", "tf_seqloss._layers"):
         tests = doctest.DocTestFinder(exclude_empty=True).find(importlib.import_module(name), name, globs={})
         assert sum(len(test.examples) for test in tests) > 0, name
 

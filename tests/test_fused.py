@@ -22,7 +22,7 @@ import tf_seqloss
 from tests import reference
 from tests.graph_checks import on_a_machine
 from tf_seqloss import _fused
-from tf_seqloss import cross_entropy as _xent
+from tf_seqloss import _cross_entropy as _xent
 
 FAST = ("fused", "fused_xla")
 DTYPES = (tf.float32, tf.float64, tf.float16, tf.bfloat16)

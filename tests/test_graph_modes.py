@@ -6,7 +6,7 @@ import tensorflow as tf
 
 import tf_seqloss
 from tests.graph_checks import on_a_machine, ops_without_gpu_kernel
-from tf_seqloss import cross_entropy as _xent
+from tf_seqloss import _cross_entropy as _xent
 
 
 def _sequence_loss(**kwargs):

@@ -15,7 +15,7 @@ import tensorflow as tf
 import tf_seqloss
 from tests import reference
 from tests.conftest import FLAG_NAMES, LEGAL_FLAGS, oracle_cases
-from tf_seqloss import keras_loss, layers
+from tf_seqloss import _keras_loss, _layers
 from tf_seqloss._keras import IS_KERAS_3, keras
 
 VOCAB, TIME = 9, 7
@@ -174,7 +174,7 @@ def test_call_gives_the_flags_output_weighted_by_padding_only():
     np.testing.assert_allclose(loss.call(targets, logits).numpy(), expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("module", [keras_loss, layers], ids=lambda module: module.__name__)
+@pytest.mark.parametrize("module", [_keras_loss, _layers], ids=lambda module: module.__name__)
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

@@ -13,7 +13,7 @@ import tf_seqloss
 from tests import reference
 from tests.conftest import LEGAL_FLAGS
 from tests.graph_checks import ops_without_gpu_kernel
-from tf_seqloss import linear_head
+from tf_seqloss import _linear_head
 
 BATCH, TIME, FEATURES, CLASSES = 3, 7, 5, 13  # 21 tokens: chunks of 4 and 8 leave a partial chunk
 
@@ -292,7 +292,7 @@ def test_traced_step_with_class_slices_is_gpu_ready(flags, monkeypatch):
 @pytest.mark.parametrize("classes, expected", [(13, 4096), (8192, 256), (32768, 128), (131072, 128),
                                                (10 ** 7, 128), (None, 256)])
 def test_automatic_chunk_size(classes, expected):
-    assert linear_head.auto_chunk_size(classes) == expected
+    assert _linear_head.auto_chunk_size(classes) == expected
 
 
 def test_errors_name_the_argument():
@@ -334,4 +334,4 @@ def test_kernel_gradient_summed_in_class_slices_equals_the_materialised_loss(cla
     (None, None), (13, [(0, 13)]), (1024, [(0, 1024)]), (2049, [(0, 1024), (1024, 1024), (2048, 1)]),
     (32768, [(i, 1024) for i in range(0, 32768, 1024)]), (131072, [(i, 4096) for i in range(0, 131072, 4096)])])
 def test_class_slices_cover_the_classes(classes, expected):
-    assert linear_head.class_slices(classes) == expected
+    assert _linear_head.class_slices(classes) == expected

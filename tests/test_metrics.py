@@ -18,7 +18,7 @@ import tensorflow as tf
 import tf_seqloss
 from tests import reference
 from tests.child import run_script
-from tf_seqloss import metrics
+from tf_seqloss import _metrics
 from tf_seqloss._keras import keras
 
 VOCAB, TIME = 6, 7
@@ -232,7 +232,7 @@ def test_no_warning_for_unpadded_targets():
 def test_what_looks_padded(targets, padded):
     targets = tf.constant(np.asarray(targets, "int32"))
     if targets.shape[1] >= 2:
-        assert bool(metrics._looks_padded(targets)) is padded
+        assert bool(_metrics._looks_padded(targets)) is padded
     # Through the metric, with the time size unknown while tracing (the graph's own guard for time < 2).
     metric = tf_seqloss.TokenPerplexity()
     update = _graph_update(metric, input_signature=[

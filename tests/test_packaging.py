@@ -1,5 +1,6 @@
 """The public surface, and no dependency on TensorFlow Addons (which cannot import on TF >= 2.16)."""
 
+import pkgutil
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ def test_public_surface_is_all_and_importable():
 
 
 def test_importing_the_package_never_imports_tensorflow_addons():
-    code = ("import sys, tf_seqloss, tf_seqloss.keras_loss, tf_seqloss.layers, tf_seqloss.compat.tfa; "
+    code = ("import sys, tf_seqloss, tf_seqloss._keras_loss, tf_seqloss._layers, tf_seqloss.compat.tfa; "
             "print([m for m in sys.modules if m.startswith('tensorflow_addons')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
@@ -31,3 +32,12 @@ def test_the_rewriter_console_script_answers_help():
     out = subprocess.run([sys.executable, "-m", "tf_seqloss.upgrade", "--help"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "--contrib-version" in out.stdout
+
+
+def test_the_public_surface_is_exactly_all_and_the_modules_behind_it_are_private():
+    code = ("import tf_seqloss; "
+            "print(sorted(n for n in dir(tf_seqloss) if not n.startswith('_')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == repr(sorted(tf_seqloss.__all__))
+    modules = [name for _, name, _ in pkgutil.iter_modules(tf_seqloss.__path__)]
+    assert sorted(name for name in modules if not name.startswith("_")) == ["compat", "upgrade"]

@@ -13,8 +13,8 @@ import tensorflow as tf
 import tf_seqloss
 from tests import reference
 from tests.child import run_script
-from tf_seqloss import _fused, _keras, linear_head
-from tf_seqloss import cross_entropy as _xent
+from tf_seqloss import _fused, _keras, _linear_head
+from tf_seqloss import _cross_entropy as _xent
 
 # --- every private import failing at once, in a fresh process, under XLA -------------------------------
 
@@ -38,13 +38,13 @@ saved = [(module, name, getattr(module, name)) for module, name in names]
 for module, name, _ in saved:
     delattr(module, name)
 import tf_seqloss
-from tf_seqloss import _fused, _keras, linear_head
+from tf_seqloss import _fused, _keras, _linear_head
 for module, name, value in saved:
     setattr(module, name, value)
 
 fallbacks = dict(xla_detector=getattr(_fused, "_xla_detector", "?") is None,
-                 dynamic_update_slice=getattr(linear_head, "_dynamic_update_slice", "?") is None,
-                 could_record=linear_head._could_record is None)
+                 dynamic_update_slice=getattr(_linear_head, "_dynamic_update_slice", "?") is None,
+                 could_record=_linear_head._could_record is None)
 if not legacy:
     fallbacks["keras_mask"] = _keras._get_keras_mask is None
 data = np.load(__import__("sys").argv[1])
@@ -170,8 +170,8 @@ def test_without_a_detector_the_xla_context_is_unknown_while_tracing(monkeypatch
 def test_linear_sequence_loss_without_detector_slice_update_or_record_check_is_exact(monkeypatch, mode):
     # In-process twin of the fresh-process test, in every mode: the fallbacks outside XLA must hold too.
     monkeypatch.setattr(_fused, "_xla_detector", None)
-    monkeypatch.setattr(linear_head, "_dynamic_update_slice", None)
-    monkeypatch.setattr(linear_head, "_could_record", None)
+    monkeypatch.setattr(_linear_head, "_dynamic_update_slice", None)
+    monkeypatch.setattr(_linear_head, "_could_record", None)
     case = _case(seed=1)
 
     def step(hidden, kernel, bias):

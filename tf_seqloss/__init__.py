@@ -4,13 +4,13 @@ The maintained replacement for `tf.contrib.seq2seq.sequence_loss` and `tfa.seq2s
 the TF1 `tf.losses.softmax_cross_entropy` family for migrating code.
 """
 
-from tf_seqloss.cross_entropy import IMPLEMENTATIONS
-from tf_seqloss.keras_loss import SequenceLoss
-from tf_seqloss.layers import FusedLinearHead, SequenceLossLayer, SequenceMask
-from tf_seqloss.linear_head import linear_sequence_loss, sampled_sequence_loss
-from tf_seqloss.metrics import TokenAccuracy, TokenPerplexity
-from tf_seqloss.sequence_loss import sequence_loss
-from tf_seqloss.tf1_losses import (
+from tf_seqloss._cross_entropy import IMPLEMENTATIONS
+from tf_seqloss._keras_loss import SequenceLoss
+from tf_seqloss._layers import FusedLinearHead, SequenceLossLayer, SequenceMask
+from tf_seqloss._linear_head import linear_sequence_loss, sampled_sequence_loss
+from tf_seqloss._metrics import TokenAccuracy, TokenPerplexity
+from tf_seqloss._sequence_loss import sequence_loss
+from tf_seqloss._tf1_losses import (
     Reduction,
     compute_weighted_loss,
     softmax_cross_entropy,

@@ -34,8 +34,8 @@ import tensorflow as tf
 
 from tf_seqloss import _checks, _keras
 from tf_seqloss._keras import IS_KERAS_3, keras
-from tf_seqloss.keras_loss import standardize_targets
-from tf_seqloss.sequence_loss import token_losses
+from tf_seqloss._keras_loss import standardize_targets
+from tf_seqloss._sequence_loss import token_losses
 
 
 class _TokenMetric(keras.metrics.Metric):

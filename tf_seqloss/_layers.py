@@ -13,10 +13,10 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
-from tf_seqloss import _checks, _keras, distribute, linear_head
+from tf_seqloss import _checks, _keras, _distribute, _linear_head
 from tf_seqloss._keras import keras
-from tf_seqloss.keras_loss import SequenceLoss
-from tf_seqloss.sequence_loss import check_options
+from tf_seqloss._keras_loss import SequenceLoss
+from tf_seqloss._sequence_loss import check_options
 
 
 @keras.saving.register_keras_serializable(package="tf_seqloss")
@@ -166,7 +166,7 @@ class SequenceLossLayer(keras.layers.Layer):
         self.from_logits = self._sequence_loss.from_logits
 
     def call(self, logits, targets, weights=None, lengths=None, mask=None):
-        if self.normalizer == distribute.GLOBAL and _keras.IS_KERAS_3 and distribute.replicas_in_sync() > 1:
+        if self.normalizer == _distribute.GLOBAL and _keras.IS_KERAS_3 and _distribute.replicas_in_sync() > 1:
             # Keras 3 keeps `add_loss` losses in one list that the replica threads share; the all-reduce
             # inside this call lets one replica's logged total take in another's loss. The gradient is exact.
             warnings.warn(
@@ -295,7 +295,7 @@ class FusedLinearHead(keras.layers.Layer):
         self.label_smoothing = label_smoothing
         self.z_loss = _checks.check_z_loss(z_loss)
         self.epsilon = epsilon
-        self.chunk_size = linear_head.check_chunk_size(chunk_size)
+        self.chunk_size = _linear_head.check_chunk_size(chunk_size)
         self.top_k = top_k
         self.reduction = reduction
         self.supports_masking = True
@@ -327,7 +327,7 @@ class FusedLinearHead(keras.layers.Layer):
         targets = tf.convert_to_tensor(targets)
         if targets.dtype.is_floating:
             targets = tf.cast(targets, tf.int64)  # Keras may hand ids over as floats.
-        loss, log_sum_exp = linear_head.compute_linear_sequence_loss(
+        loss, log_sum_exp = _linear_head.compute_linear_sequence_loss(
             hidden, kernel, targets, bias=bias, weights=weights, lengths=lengths, padding_id=self.padding_id,
             mask=mask, average_across_timesteps=self.average_across_timesteps,
             average_across_batch=self.average_across_batch, sum_over_timesteps=self.sum_over_timesteps,

@@ -40,9 +40,9 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from tf_seqloss import _checks, _fused, cross_entropy
-from tf_seqloss import weights as weights_lib
-from tf_seqloss.sequence_loss import _reduce, check_options
+from tf_seqloss import _checks, _fused, _cross_entropy
+from tf_seqloss import _padding
+from tf_seqloss._sequence_loss import _reduce, check_options
 
 try:  # Whether a gradient tape (eager or traced) could record the ops being built now. Private API; without
     # it the forward pass never forms the gradients and the backward pass runs the loop again: slower, exact.
@@ -201,7 +201,7 @@ def compute_linear_sequence_loss(hidden, kernel, targets, *, bias=None, weights=
     hidden, kernel, bias = check_head(hidden, kernel, bias)
     targets = check_head_targets(hidden, targets, padding_id)
     dtype = _checks.compute_dtype(hidden.dtype)
-    token_weights = weights_lib.token_weights(
+    token_weights = _padding.token_weights(
         hidden, targets, dtype=dtype, weights=weights, sample_weight=sample_weight, lengths=lengths,
         padding_id=padding_id, mask=mask, reference_arg="hidden")
 
@@ -237,7 +237,7 @@ def fused_linear_cross_entropy(hidden, kernel, bias, labels, weights, *, label_s
     """Returns `(weights * loss, log_sum_exp)`, `[n]` each, of the logits `hidden @ kernel + bias`.
 
     `hidden` is `[n, features]`, `labels` `[n]` ids, `weights` `[n]` in the compute dtype or None (all
-    ones). The per-token loss follows `cross_entropy.sparse_cross_entropy` (padding inert, bad ids NaN)
+    ones). The per-token loss follows `_cross_entropy.sparse_cross_entropy` (padding inert, bad ids NaN)
     plus `z_loss * log_sum_exp**2`. `uniform_upstream=True` promises that the gradient arriving at the
     result is the same for every token (a full sum), which lets the forward pass form the gradients.
     """
@@ -576,7 +576,7 @@ def sampled_sequence_loss(
                 f"remove_accidental_hits={remove_accidental_hits!r}")
         targets = check_head_targets(hidden, targets, padding_id)
         dtype = _checks.compute_dtype(hidden.dtype)
-        token_weights = weights_lib.token_weights(hidden, targets, dtype=dtype, weights=weights, lengths=lengths,
+        token_weights = _padding.token_weights(hidden, targets, dtype=dtype, weights=weights, lengths=lengths,
                                                   padding_id=padding_id, reference_arg="hidden")
         valid = tf.logical_and(targets >= 0, targets < num_classes)
         safe_targets = tf.cast(tf.where(valid, targets, tf.zeros_like(targets)), tf.int64)
@@ -589,7 +589,7 @@ def sampled_sequence_loss(
                 sampled_values=sampled_values, remove_accidental_hits=remove_accidental_hits, seed=seed)
 
         # The same path as `sequence_loss(softmax_loss_function=...)`: padded inputs zeroed, weighted.
-        weighted = cross_entropy.custom_cross_entropy(sampled_loss, hidden, safe_targets, token_weights, dtype)
+        weighted = _cross_entropy.custom_cross_entropy(sampled_loss, hidden, safe_targets, token_weights, dtype)
         active = tf.ones_like(valid) if token_weights is None else tf.not_equal(token_weights, 0)
         weighted *= tf.where(tf.logical_or(valid, tf.logical_not(active)), tf.ones([], dtype),
                              tf.constant(np.nan, dtype))

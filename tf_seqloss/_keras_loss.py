@@ -14,9 +14,9 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.types.experimental import TensorLike
 
-from tf_seqloss import _checks, _keras, distribute
+from tf_seqloss import _checks, _keras, _distribute
 from tf_seqloss._keras import IS_KERAS_3, keras
-from tf_seqloss.sequence_loss import check_options, compute_sequence_loss
+from tf_seqloss._sequence_loss import check_options, compute_sequence_loss
 
 
 @keras.saving.register_keras_serializable(package="tf_seqloss")
@@ -289,7 +289,7 @@ class SequenceLoss(keras.losses.Loss):
             if self.normalizer is not None:
                 # A share of the global mean already; a caller that divides by the replicas gets it multiplied.
                 if not scale_for_replicas or (not IS_KERAS_3 and self.reduction in _keras.MEAN_REDUCTIONS):
-                    loss = distribute.undo_replica_scaling(loss)
+                    loss = _distribute.undo_replica_scaling(loss)
             elif scale_for_replicas:
                 loss = _keras.scale_for_replicas(loss, self.reduction)
             return loss

@@ -8,8 +8,8 @@ from typing import Callable, NamedTuple, Optional, Union
 import tensorflow as tf
 from tensorflow.types.experimental import TensorLike
 
-from tf_seqloss import _checks, cross_entropy, distribute
-from tf_seqloss import weights as weights_lib
+from tf_seqloss import _checks, _cross_entropy, _distribute
+from tf_seqloss import _padding
 
 _LAYOUT_LOGITS = "[batch, time, classes]"
 _LAYOUT_TARGETS = "[batch, time] class ids, or [batch, time, classes] probabilities"
@@ -211,7 +211,7 @@ def token_losses(logits, targets, *, weights=None, sample_weight=None, lengths=N
     """
     if not from_logits and (softmax_loss_function is not None or not _checks.is_zero(z_loss)):
         raise ValueError("`from_logits=False` cannot be combined with `softmax_loss_function` or `z_loss`.")
-    ragged = weights_lib.densify_ragged(logits, targets, weights)
+    ragged = _padding.densify_ragged(logits, targets, weights)
     logits = tf.convert_to_tensor(ragged.logits, name="logits")
     targets = tf.convert_to_tensor(ragged.targets, name="targets")
     _checks.check_floating(logits, "logits")
@@ -235,25 +235,25 @@ def token_losses(logits, targets, *, weights=None, sample_weight=None, lengths=N
         # Ragged row lengths are lengths; `lengths` given as well mask on top of them.
         ragged_mask = tf.sequence_mask(ragged.lengths, maxlen=_checks.dim(logits, 1))
         mask = ragged_mask if mask is None else tf.logical_and(tf.cast(mask, tf.bool), ragged_mask)
-    token_weights = weights_lib.token_weights(
+    token_weights = _padding.token_weights(
         logits, targets, dtype=dtype, weights=ragged.weights, sample_weight=sample_weight, lengths=lengths,
         padding_id=padding_id, mask=mask)
 
     if softmax_loss_function is not None:
         _check_custom_loss(softmax_loss_function)
-        weighted = cross_entropy.custom_cross_entropy(softmax_loss_function, logits, targets, token_weights, dtype)
+        weighted = _cross_entropy.custom_cross_entropy(softmax_loss_function, logits, targets, token_weights, dtype)
     elif not from_logits and dense:
-        weighted = cross_entropy.dense_cross_entropy_of_probabilities(
+        weighted = _cross_entropy.dense_cross_entropy_of_probabilities(
             logits, targets, token_weights, epsilon=probability_epsilon, label_smoothing=label_smoothing)
     elif not from_logits:
-        weighted = cross_entropy.sparse_cross_entropy_of_probabilities(
+        weighted = _cross_entropy.sparse_cross_entropy_of_probabilities(
             logits, targets, token_weights, epsilon=probability_epsilon, label_smoothing=label_smoothing,
             implementation=implementation)
     elif dense:
-        weighted = cross_entropy.dense_cross_entropy(logits, targets, token_weights,
+        weighted = _cross_entropy.dense_cross_entropy(logits, targets, token_weights,
                                                      label_smoothing=label_smoothing, z_loss=z_loss)
     else:
-        weighted = cross_entropy.sparse_cross_entropy(logits, targets, token_weights,
+        weighted = _cross_entropy.sparse_cross_entropy(logits, targets, token_weights,
                                                       label_smoothing=label_smoothing,
                                                       implementation=implementation, z_loss=z_loss)
     if token_weights is None:
@@ -285,8 +285,8 @@ def check_options(average_across_timesteps, average_across_batch, sum_over_times
             f"your function instead. Received: label_smoothing={label_smoothing}"
         )
     _checks.check_epsilon(epsilon)
-    cross_entropy.check_implementation(implementation)
-    normalizer = distribute.check_normalizer(
+    _cross_entropy.check_implementation(implementation)
+    normalizer = _distribute.check_normalizer(
         normalizer, allow_tensor=allow_tensors,
         scalar=(average_across_timesteps and average_across_batch) or (sum_over_timesteps and sum_over_batch))
     return label_smoothing, padding_id, normalizer
@@ -339,7 +339,7 @@ def _reduce(weighted, token_weights, average_across_timesteps, average_across_ba
     else:
         normaliser = tf.math.count_nonzero(token_weights, axis=axes, dtype=weighted.dtype)
     if normalizer is not None:
-        return distribute.normalise(total, normaliser, normalizer, epsilon)
+        return _distribute.normalise(total, normaliser, normalizer, epsilon)
     if epsilon is None:
         return tf.math.divide_no_nan(total, normaliser)
     return total / (normaliser + _checks.cast_number(epsilon, normaliser.dtype))

@@ -12,7 +12,7 @@ from typing import Optional
 import tensorflow as tf
 from tensorflow.types.experimental import TensorLike
 
-from tf_seqloss import _checks, cross_entropy
+from tf_seqloss import _checks, _cross_entropy
 
 
 class Reduction:
@@ -102,7 +102,7 @@ def softmax_cross_entropy(
                                        _checks.ordinal(axis + 1))
         weights = _broadcast_weights(weights, tf.shape(onehot_labels)[:-1], onehot_labels.shape[:-1],
                                      _checks.compute_dtype(logits.dtype))
-        weighted = cross_entropy.dense_cross_entropy(logits, onehot_labels, weights,
+        weighted = _cross_entropy.dense_cross_entropy(logits, onehot_labels, weights,
                                                      label_smoothing=label_smoothing)
         return _reduce(weighted, weights, reduction)
 
@@ -166,7 +166,7 @@ def sparse_softmax_cross_entropy(
             _checks.check_same_dim(logits, "logits", axis, labels, "labels", axis, _checks.ordinal(axis + 1))
         weights = _broadcast_weights(_squeeze_trailing_unit(weights, logits_rank), tf.shape(labels),
                                      labels.shape, _checks.compute_dtype(logits.dtype))
-        weighted = cross_entropy.sparse_cross_entropy(logits, labels, weights)
+        weighted = _cross_entropy.sparse_cross_entropy(logits, labels, weights)
         return _reduce(weighted, weights, reduction)
 
 
