@@ -13,6 +13,7 @@ import tensorflow as tf
 
 import tf_seqloss
 from tests import reference
+from tests.conftest import LEGAL_FLAGS
 
 BATCH, TIME, CLASSES = 3, 5, 7
 LENGTHS = np.array([5, 2, 0])  # a full row, a short row and an empty row
@@ -175,6 +176,45 @@ def test_ragged_inputs_equal_padded_positions_removed(mode):
 
     logits, targets = _poisoned(clean_logits, clean_targets, "nan")
     _assert_equals_removed(_run(fn, mode, logits, targets), clean_logits, clean_targets, "token_mean")
+
+
+@pytest.mark.parametrize("implementation", tf_seqloss.IMPLEMENTATIONS)
+@pytest.mark.parametrize("flags", range(len(LEGAL_FLAGS)))
+def test_gradient_with_respect_to_weights_counts_a_padded_tokens_loss_as_zero(implementation, flags):
+    # A padded token's loss is 0, so at a zero weight d loss / d w is `-loss / sum(w)` under the averaging
+    # flags (contrib: `(ce - loss) / sum(w)`); at a non-zero weight it is contrib's `(ce - loss) / sum(w)`.
+    flags = LEGAL_FLAGS[flags]
+    logits, targets = _clean_inputs(seed=3)
+    rng = np.random.default_rng(3)
+    weights = rng.uniform(0.5, 2.0, size=(BATCH, TIME)) * (rng.uniform(size=(BATCH, TIME)) > 0.3)
+    weights[2] = 0.0  # an all-padding row: its slice's loss and gradient are 0
+    zero = weights == 0
+    assert zero.any() and (~zero).any()
+    variable = tf.Variable(weights)
+    with tf.GradientTape() as tape:
+        loss = tf_seqloss.sequence_loss(tf.constant(logits), targets, variable, implementation=implementation,
+                                        **flags)
+        total = tf.reduce_sum(loss)
+    grad = tape.gradient(total, variable).numpy()
+    expected = reference.sequence_loss_weights_grad(logits, targets, weights, **flags)
+    np.testing.assert_allclose(grad, expected, rtol=1e-9, atol=1e-12)
+
+    # The closed form, against central differences of the NumPy loss at the non-zero weights (no step
+    # there crosses 0, where a padded token's loss jumps from `ce` to 0).
+    step = 1e-6
+    for index in zip(*np.nonzero(~zero)):
+        up, down = weights.copy(), weights.copy()
+        up[index] += step
+        down[index] -= step
+        numeric = (reference.sequence_loss(logits, targets, up, **flags).sum()
+                   - reference.sequence_loss(logits, targets, down, **flags).sum()) / (2 * step)
+        np.testing.assert_allclose(expected[index], numeric, rtol=1e-6, atol=1e-8)
+    if flags is LEGAL_FLAGS[0]:
+        # The contrib default, by the formulas the docstring and README state.
+        ce = reference.token_cross_entropy(logits, targets)
+        mean = (weights * ce).sum() / weights.sum()
+        np.testing.assert_allclose(grad[~zero], ((ce - mean) / weights.sum())[~zero], rtol=1e-9)
+        np.testing.assert_allclose(grad[zero], -mean / weights.sum(), rtol=1e-9)
 
 
 @pytest.mark.keras

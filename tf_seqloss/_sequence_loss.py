@@ -66,7 +66,11 @@ def sequence_loss(
         logits: `[batch, time, classes]` float16, bfloat16, float32 or float64 unscaled log-probabilities.
         targets: `[batch, time]` int32 or int64 class ids, or `[batch, time, classes]` probabilities.
         weights: `[batch, time]` float weights of any float dtype (cast to the compute dtype), typically a
-            0/1 mask from `tf.sequence_mask`. `None` means all ones.
+            0/1 mask from `tf.sequence_mask`. `None` means all ones. A token of weight 0 is padding: its
+            logits are never read and its loss counts as 0. The gradient with respect to a non-zero weight
+            is contrib's (`(ce - loss) / sum(w)` under the averaging flags); with respect to a zero weight
+            it is `-loss / sum(w)` under the averaging flags (contrib and TFA: `(ce - loss) / sum(w)`) and
+            0 under the others.
         average_across_timesteps: divide the sum over time by the summed weights over time.
         average_across_batch: divide the sum over the batch by the summed weights over the batch.
         sum_over_timesteps: reduce over time, dividing by the number of non-zero weights.
