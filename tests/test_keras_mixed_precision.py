@@ -77,6 +77,24 @@ def test_loss_is_computed_in_float32_and_matches_the_float32_model(policy):
     assert abs(float(loss) - loss32) <= 2 * logit_error + 1e-6
 
 
+@pytest.mark.parametrize("policy", POLICIES, indirect=True)
+def test_dtype_reports_the_dtype_the_loss_is_returned_in(policy):
+    # Under the global policy, for the policy given as `dtype`, its half dtype, the default and float64:
+    # `dtype` says what comes back whatever the logits' dtype, float32 for a half-precision policy.
+    _, targets, mask = _batch()
+    logits = np.random.default_rng(1).normal(size=mask.shape + (VOCAB,)) * 3
+    half = policy[len("mixed_"):]
+    for dtype, returned in ((policy, "float32"), (half, "float32"), (None, "float32"), ("float64", "float64")):
+        loss_fn = tf_seqloss.SequenceLoss(dtype=dtype)
+        assert loss_fn.dtype == returned, dtype
+        for logits_dtype in (half, "float32", "float64"):
+            given = tf.cast(logits, logits_dtype)
+            loss = loss_fn(targets, given, sample_weight=mask)
+            assert loss.dtype.name == returned, (dtype, logits_dtype)
+            expected = reference.sequence_loss(tf.cast(given, tf.float64).numpy(), targets, mask)
+            np.testing.assert_allclose(float(loss), expected, rtol=1e-12 if returned == "float64" else 2e-6)
+
+
 def test_training_under_mixed_float16_with_loss_scaling_lowers_the_loss():
     tokens, targets, mask = _batch(seed=1)
     keras.mixed_precision.set_global_policy("mixed_float16")

@@ -181,8 +181,8 @@ class SequenceLoss(keras.losses.Loss):
 
     @property
     def dtype(self) -> str:
-        """The dtype the loss is returned in (before `sequence_loss`'s float32 for half precision)."""
-        return self._loss_dtype
+        """The name of the dtype the loss is returned in: float32 for a half-precision `dtype`."""
+        return _checks.compute_dtype(tf.as_dtype(self._loss_dtype)).name
 
     @tf.autograph.experimental.do_not_convert
     def __call__(self, y_true: TensorLike, y_pred: TensorLike, sample_weight: Optional[TensorLike] = None) -> tf.Tensor:
@@ -241,8 +241,11 @@ class SequenceLoss(keras.losses.Loss):
                 y_pred, from_logits = softmax_input, True
         logits = y_pred if isinstance(y_pred, tf.RaggedTensor) else tf.convert_to_tensor(y_pred)
         dtype = tf.as_dtype(self._loss_dtype)
-        if logits.dtype.is_floating and dtype not in (tf.float16, tf.bfloat16) and logits.dtype != dtype:
-            logits = tf.cast(logits, dtype)
+        # Half-precision logits under a half-precision `dtype` go in as they are (computed in float32 inside
+        # the kernel); any other mismatch is cast to the returned dtype, float32 for a half `dtype`.
+        half = (tf.float16, tf.bfloat16)
+        if logits.dtype.is_floating and logits.dtype != dtype and not (dtype in half and logits.dtype in half):
+            logits = tf.cast(logits, self.dtype)
         return compute_sequence_loss(
             logits, standardize_targets(y_true, logits), sample_weight=sample_weight, lengths=lengths,
             padding_id=self.padding_id, mask=mask,
