@@ -91,9 +91,6 @@ SOFTMAX_LOSS_FUNCTION_SUGGESTION = (
     "`labels=` and `logits=`."
 )
 
-LEVELS = ("INFO", "WARNING", "ERROR")
-
-
 @dataclasses.dataclass(frozen=True, order=True)
 class Finding:
     """One report line: `path:line:col: LEVEL: message`, or `path:cell N:line:col: LEVEL: message` in a notebook.
