@@ -114,6 +114,26 @@ def _numpy_loss(x, label_smoothing=0.0, z_loss=0.0):
     return loss, reference.log_sum_exp(logits)
 
 
+@pytest.mark.parametrize("flags", [LEGAL_FLAGS[0], LEGAL_FLAGS[3], LEGAL_FLAGS[5]], ids=_flag_id)
+def test_numpy_gradient_with_z_loss_matches_finite_differences(flags):
+    # The expected gradients here come from `reference.sequence_loss_grad`'s closed form: check its z-loss
+    # and label-smoothing terms against central differences of `reference.sequence_loss`.
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(2, 3, 4)) * 2
+    targets = rng.integers(0, 4, size=(2, 3))
+    weights = np.array([[1.0, 0.5, 0.0], [2.0, 0.0, 0.0]])
+    options = dict(flags, label_smoothing=0.1, z_loss=0.3)
+    step, numeric = 1e-6, np.zeros_like(logits)
+    for index in np.ndindex(logits.shape):
+        up, down = logits.copy(), logits.copy()
+        up[index] += step
+        down[index] -= step
+        numeric[index] = (reference.sequence_loss(up, targets, weights, **options).sum()
+                          - reference.sequence_loss(down, targets, weights, **options).sum()) / (2 * step)
+    np.testing.assert_allclose(reference.sequence_loss_grad(logits, targets, weights, **options), numeric,
+                               rtol=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("dtype", [tf.float64, tf.float32])
 def test_value_equals_numpy_float64(dtype):
     x = _inputs(dtype)
