@@ -10,7 +10,9 @@ call, the total (compilations included), the median step, tokens per second and 
 
 - `varlen`: a custom loop of forward + backward of the masked mean loss over `[batch, time, classes]`
   logits whose `time` is drawn from `[time_min, time_max)` every step, in a `tf.function` whose input
-  signature has `None` batch and time (`--modes function`) or the same with `jit_compile=True` (`xla`).
+  signature has `None` batch and time (`--modes function`) or the same with `jit_compile=True` (`xla`);
+  `--modes retrace` is a `tf.function` without a signature, traced anew for every new shape (static
+  sizes), and `--modes eager` runs the step eagerly.
 - `train_loop`: a whole training step of a small encoder-decoder (embedding, LSTM encoder, LSTM decoder,
   projection to `classes`, the loss, Adam) in a `tf.function` custom loop with `None` sizes; its entry
   `tf_seqloss.linear_sequence_loss` is the same model trained through the fused head (the loss from the
@@ -47,6 +49,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 SCENARIOS = ("varlen", "train_loop", "fit")
 REPOSITORY = Path(__file__).resolve().parents[1]  # the checkout whose `tf_seqloss` is timed
 IMPLEMENTATIONS = ("auto", "reference", "fused", "fused_xla")
+# `function` and `xla` trace once with `None` sizes; `retrace` (no input signature) traces every new shape
+# with static sizes, as a `tf.function` does by default; `eager` runs the step op by op.
+VARLEN_MODES = ("function", "xla", "retrace", "eager")
 # The fused linear + cross-entropy head, an entry of `train_loop`: the same model and weights, with the
 # loss computed from the decoder's hidden states and the projection's kernel, without logits.
 HEAD_ENTRY = "tf_seqloss.linear_sequence_loss"
@@ -58,7 +63,8 @@ def parse_args(argv=None):
     parser.add_argument("--classes", default="8000,32000",
                         help="comma-separated class counts for `varlen` (default: 8000,32000)")
     parser.add_argument("--steps", default="40,16", help="steps of `varlen` per class count (default: 40,16)")
-    parser.add_argument("--modes", default="function", help="`varlen` modes: function,xla (default: function)")
+    parser.add_argument("--modes", default="function",
+                        help=f"`varlen` modes, of {VARLEN_MODES} (default: function)")
     parser.add_argument("--train-classes", type=int, default=8000, help="vocabulary of the model (default: 8000)")
     parser.add_argument("--train-steps", type=int, default=24, help="steps of `train_loop` and `fit` (default: 24)")
     parser.add_argument("--batch", type=int, default=32)
@@ -84,7 +90,7 @@ def parse_args(argv=None):
         parser.error(f"`--steps` takes one value or one per class count. Received: {args.steps}")
     args.modes = _split(args.modes)
     args.implementations = _split(args.implementations)
-    for name, values, allowed in (("scenarios", args.scenarios, SCENARIOS), ("modes", args.modes, ("function", "xla")),
+    for name, values, allowed in (("scenarios", args.scenarios, SCENARIOS), ("modes", args.modes, VARLEN_MODES),
                                   ("implementations", args.implementations, IMPLEMENTATIONS)):
         for value in values:
             if value not in allowed:
@@ -294,12 +300,16 @@ def _run_varlen(job, data):
     signature = [tf.TensorSpec([None, None, classes], tf.float32), tf.TensorSpec([None, None], tf.int32),
                  tf.TensorSpec([None], tf.int32)]
 
-    @tf.function(input_signature=signature, jit_compile=job["mode"] == "xla")
     def step(logits, targets, lengths):
         with tf.GradientTape() as tape:
             tape.watch(logits)
             loss = loss_fn(logits, targets, lengths)
         return loss, tape.gradient(loss, logits)
+
+    if job["mode"] in ("function", "xla"):
+        step = tf.function(step, input_signature=signature, jit_compile=job["mode"] == "xla")
+    elif job["mode"] == "retrace":
+        step = tf.function(step)
 
     rng = np.random.default_rng(job["seed"] + 1)
     pool = (rng.standard_normal((batch, job["time_max"], classes), dtype=np.float32) * 2.0)
@@ -423,9 +433,16 @@ def _keras_version(tf):
 
 
 _TITLES = {
-    "varlen": "Variable-length custom loop: forward + backward of the loss, `tf.function` with `None` sizes",
+    "varlen": "Variable-length custom loop: forward + backward of the loss",
     "train_loop": "Whole training step, custom loop (`tf.function`, `None` sizes): LSTM encoder-decoder + Adam",
     "fit": "Whole training step, `model.fit` on variable-length `tf.data` batches: LSTM encoder-decoder + Adam",
+}
+
+_MODE_TITLES = {
+    "function": ", `tf.function` with `None` sizes",
+    "xla": ", `tf.function` with `None` sizes (`jit_compile=True`)",
+    "retrace": ", `tf.function` without a signature (a trace per new shape, static sizes)",
+    "eager": ", eagerly",
 }
 
 
@@ -447,7 +464,7 @@ def markdown(rows, meta):
         groups.setdefault(_group_key(row), []).append(row)
     for (scenario, classes, mode), group in groups.items():
         sample = next((r for r in group if "error" not in r), group[0])
-        lines += ["", f"### {_TITLES[scenario]}" + (" (`jit_compile=True`)" if mode == "xla" else ""), "",
+        lines += ["", f"### {_TITLES[scenario]}" + (_MODE_TITLES.get(mode, "") if scenario == "varlen" else ""), "",
                   f"{classes} classes, batch {sample['batch']}, time drawn from [{sample['time_min']}, "
                   f"{sample['time_max']}), {sample['steps']} steps"
                   + (f", {sample['tokens']} target tokens; copy floor {sample['group_floor_s'] * 1e3:.0f} ms in all"

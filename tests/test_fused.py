@@ -238,34 +238,87 @@ def _while_tracing(fn, jit_compile):
     return seen[0]
 
 
-def test_auto_keeps_the_reference_when_an_accelerator_is_visible():
-    with on_a_machine(gpu=True):
-        assert _xent.choose_implementation("auto", 32000) == "reference"
-        assert _while_tracing(lambda: _xent.choose_implementation("auto", 32000), jit_compile=True) == "reference"
-    with on_a_machine(gpu=False), mock.patch.object(_xent, "_kernel_shapes", {}):
-        assert _xent.choose_implementation("auto", 32000, rows=2048) == "fused_xla"
+# What `"auto"` stands for, as a function of the call alone: (classes, rows, traced under XLA) -> choice on a
+# CPU-only machine. Written out, not derived from the code (benchmarks/README.md has the figures).
+_AUTO_ON_CPU = [
+    ((32000, 2048, False), "fused_xla"),  # static sizes: kernels compiled for this shape
+    ((4000, 1, False), "fused_xla"),
+    ((1024, 10**6, False), "fused_xla"),
+    ((32000, None, False), "fused"),  # sizes unknown while tracing: nothing compiled per shape
+    ((1023, 2048, False), "reference"),  # below MIN_CLASSES_FOR_KERNELS
+    ((1023, None, False), "reference"),
+    ((None, 2048, False), "reference"),  # unknown number of classes
+    ((None, None, False), "reference"),
+    ((32000, 2048, True), "fused"),  # inside XLA, at every size
+    ((32000, None, True), "fused"),
+    ((100, 2048, True), "fused"),
+    ((None, None, True), "fused"),
+]
+
+
+def _auto_on_cpu(classes, rows, xla):
+    call = lambda: _xent.choose_implementation("auto", classes, rows=rows)  # noqa: E731
+    return _while_tracing(call, jit_compile=True) if xla else call()
+
+
+def test_auto_is_a_function_of_the_call_on_a_cpu_only_machine():
+    with on_a_machine(gpu=False):
+        assert [_auto_on_cpu(*call) for call, _ in _AUTO_ON_CPU] == [want for _, want in _AUTO_ON_CPU]
+        # The same inside a plain `tf.function` trace as eagerly.
         assert _while_tracing(lambda: _xent.choose_implementation("auto", 32000, rows=2048),
                               jit_compile=False) == "fused_xla"
-        assert _xent.choose_implementation("auto", 32000) == "fused"  # sizes unknown while tracing
         assert _while_tracing(lambda: _xent.choose_implementation("auto", 32000), jit_compile=False) == "fused"
-        assert _xent.choose_implementation("auto", _xent.MIN_CLASSES_FOR_KERNELS - 1, rows=2048) == "reference"
-        assert _xent.choose_implementation("auto", None) == "reference"
-        for classes in (100, 32000, None):
-            assert _while_tracing(lambda n=classes: _xent.choose_implementation("auto", n), jit_compile=True) == "fused"
+    assert _xent.MIN_CLASSES_FOR_KERNELS == 1024
+
+
+def test_auto_keeps_the_reference_when_an_accelerator_is_visible():
+    with on_a_machine(gpu=True):
+        for (classes, rows, xla), _ in _AUTO_ON_CPU:
+            assert _auto_on_cpu(classes, rows, xla) == "reference"
     for name in ("reference", "fused", "fused_xla"):
         assert _xent.choose_implementation(name, 32000) == name
+        assert _xent.choose_implementation(name, None, rows=None) == name
 
 
-def test_auto_compiles_kernels_for_the_first_few_shapes_only():
-    limit = _xent.MAX_KERNEL_SHAPES
-    with on_a_machine(gpu=False), mock.patch.object(_xent, "_kernel_shapes", {}):
-        first = [_xent.choose_implementation("auto", 4000, rows=rows) for rows in range(1, limit + 1)]
-        assert first == ["fused_xla"] * limit
-        assert _xent.choose_implementation("auto", 4000, rows=limit + 1) == "fused"  # shapes vary: no compiling
-        assert _xent.choose_implementation("auto", 4000, rows=1) == "fused_xla"  # already compiled
-        # Counted per number of classes and dtype.
-        assert _xent.choose_implementation("auto", 8000, rows=limit + 1) == "fused_xla"
-        assert _xent.choose_implementation("auto", 4000, rows=limit + 1, dtype=tf.bfloat16) == "fused_xla"
+def test_auto_does_not_depend_on_earlier_calls():
+    # The rule once gave compiled kernels to the first four static shapes seen per number of classes only.
+    # 5003 classes: a number no other test uses. Eight shapes in turn, many others, then the eight again in
+    # the other order, and the table: every call gets the same choice as on its own.
+    shapes = range(7, 15)
+    with on_a_machine(gpu=False):
+        first = [_xent.choose_implementation("auto", 5003, rows=rows) for rows in shapes]
+        for rows in range(100, 140):
+            _xent.choose_implementation("auto", 5003, rows=rows)
+        again = [_xent.choose_implementation("auto", 5003, rows=rows) for rows in reversed(shapes)][::-1]
+        table = [_auto_on_cpu(*call) for call, _ in reversed(_AUTO_ON_CPU)][::-1]
+    assert first == again == ["fused_xla"] * len(shapes)
+    assert table == [want for _, want in _AUTO_ON_CPU]
+
+
+def _traced_op_types(classes, time, implementation="auto"):
+    """The op types of a forward + backward trace of `sequence_loss` at a static `[2, time, classes]`."""
+    @tf.function
+    def step(logits, targets):
+        with tf.GradientTape() as tape:
+            tape.watch(logits)
+            loss = tf_seqloss.sequence_loss(logits, targets, implementation=implementation)
+        return loss, tape.gradient(loss, logits)
+
+    graph = step.get_concrete_function(tf.TensorSpec([2, time, classes]), tf.TensorSpec([2, time], tf.int32)).graph
+    return sorted(op.type for op in graph.get_operations())
+
+
+def test_a_traced_graph_does_not_depend_on_what_was_traced_before():
+    # Traced only, never run: nothing is compiled. 1031 classes: a number no other test uses, so the first
+    # trace is the first this process makes at this number of classes.
+    with on_a_machine(gpu=False):
+        first = _traced_op_types(1031, 3)
+        for time in range(4, 12):
+            _traced_op_types(1031, time)
+        later = _traced_op_types(1031, 12)
+        kernels, plain = _traced_op_types(1031, 12, "fused_xla"), _traced_op_types(1031, 12, "fused")
+    assert kernels != plain
+    assert first == later == kernels
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])

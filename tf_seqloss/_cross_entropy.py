@@ -42,30 +42,37 @@ def check_implementation(implementation: str) -> None:
 # saves a few milliseconds at most, while every new input shape costs an XLA compilation.
 MIN_CLASSES_FOR_KERNELS = 1024
 
-# ... and for at most this many shapes per number of classes and dtype (the first ones seen): a fixed
-# shape, or a training and an evaluation batch, get kernels compiled once; batches whose shape changes
-# every step get the plain fused ops after that, which compile nothing (benchmarks/README.md).
-MAX_KERNEL_SHAPES = 4
-_kernel_shapes: dict = {}
-
 
 def choose_implementation(implementation: str, num_classes: Optional[int] = None, *,
-                          rows: Optional[int] = None, dtype: tf.DType = tf.float32) -> str:
+                          rows: Optional[int] = None) -> str:
     """Returns the formulation `implementation` stands for: `"auto"` resolved, any other name as is.
 
-    `num_classes` is the static number of classes and `rows` the static number of tokens (the product
-    of the other dimensions), None where unknown while tracing. `"auto"` keeps the reference whenever
-    the machine has an accelerator (GPU, TPU): the fused formulation was measured on CPU only, and CPU
-    figures never make a path the default on GPU. On a CPU-only machine:
+    The choice depends only on the call: its arguments, whether an XLA compilation is being traced, and
+    the machine's devices; never on what was called before, so a trace (and a SavedModel made from it)
+    holds the same ops whatever the process ran first.
 
-    - inside an XLA compilation, `"fused"`, whose plain ops XLA fuses;
-    - below `MIN_CLASSES_FOR_KERNELS` classes, or with an unknown number of classes, the reference;
-    - with a static number of tokens that is among the first `MAX_KERNEL_SHAPES` seen for this number
-      of classes and dtype, `"fused_xla"`: the two XLA kernels, compiled once for that shape;
-    - otherwise (sizes unknown while tracing, as in a `tf.function` with `None` sizes or Keras' `fit`,
-      or a shape that changes every step) `"fused"`: plain ops, no compilation per shape.
+    Args:
+        implementation: one of `IMPLEMENTATIONS`.
+        num_classes: the static number of classes, None where unknown while tracing.
+        rows: the static number of tokens (the product of the other dimensions of the logits), None where
+            some of them is unknown while tracing.
 
-    benchmarks/README.md has the figures behind these choices.
+    Returns:
+        `implementation` unless it is `"auto"`. `"auto"` keeps the reference whenever the machine has an
+        accelerator (GPU, TPU): the fused formulation was measured on CPU only, and CPU figures never make
+        a path the default on GPU. On a CPU-only machine it gives:
+
+        - inside an XLA compilation, `"fused"`, whose plain ops XLA fuses;
+        - below `MIN_CLASSES_FOR_KERNELS` classes, or with an unknown number of classes, the reference;
+        - with sizes unknown while tracing (a `tf.function` with `None` sizes, one with
+          `reduce_retracing=True` from its second shape on, Keras' `fit`), `"fused"`: plain ops, which
+          compile nothing per shape;
+        - with static sizes (eager calls, a `tf.function` traced for a concrete shape), `"fused_xla"`:
+          two XLA kernels, compiled once per shape. A loop whose shapes change at every step then
+          compiles at every new shape: give its `tf.function` `None` sizes (or `reduce_retracing=True`)
+          to get `"fused"`, or pass `implementation="fused"`.
+
+        benchmarks/README.md has the figures behind these choices.
     """
     if implementation != "auto":
         return implementation
@@ -75,12 +82,7 @@ def choose_implementation(implementation: str, num_classes: Optional[int] = None
         return "fused"
     if num_classes is None or num_classes < MIN_CLASSES_FOR_KERNELS:
         return "reference"
-    if rows is not None:
-        seen = _kernel_shapes.setdefault((num_classes, tf.as_dtype(dtype).name), set())
-        if rows in seen or len(seen) < MAX_KERNEL_SHAPES:
-            seen.add(rows)
-            return "fused_xla"
-    return "fused"
+    return "fused" if rows is None else "fused_xla"
 
 
 @tf.autograph.experimental.do_not_convert
@@ -107,7 +109,7 @@ def sparse_cross_entropy(logits: tf.Tensor, labels: tf.Tensor, weights: Optional
     # three agree, and `valid` keeps the information for `_weigh`.
     safe_labels = tf.where(valid, labels, tf.zeros_like(labels))
     rows = logits.shape[:-1].num_elements() if logits.shape[:-1].is_fully_defined() else None
-    chosen = choose_implementation(implementation, logits.shape[-1], rows=rows, dtype=logits.dtype)
+    chosen = choose_implementation(implementation, logits.shape[-1], rows=rows)
     if chosen != "reference":
         # The fused formulation takes half-precision logits as they are, so that its gradient is computed
         # in float32 and cast back in the same kernel. It gives rows of zero upstream gradient a zero

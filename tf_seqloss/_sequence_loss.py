@@ -104,9 +104,11 @@ def sequence_loss(
             between forward and backward; XLA compiles them once per input shape. `"auto"` (default) keeps
             the reference whenever a GPU or other accelerator is visible, since only CPU was measured; on
             a CPU-only machine it takes the reference below 1024 classes, else `"fused"` under XLA,
-            `"fused_xla"` when the shape is static and among the first few seen, and `"fused"` when sizes
-            are unknown while tracing (`None` sizes, Keras' `fit`) or the shape keeps changing, where
-            compiling per shape would cost more than it saves. `benchmarks/README.md` has the figures.
+            `"fused_xla"` when the shape is static (eager, or a trace for a concrete shape), and `"fused"`
+            when sizes are unknown while tracing (`None` sizes, Keras' `fit`), which compiles nothing per
+            shape. The choice depends on the call alone, never on earlier calls: a loop whose static
+            shape changes every step compiles every shape, so give its `tf.function` `None` sizes or pass
+            `"fused"`. `benchmarks/README.md` has the figures.
         normalizer: keyword-only, for the scalar modes only (both `average_across_*` flags, or both
             `sum_over_*` flags). What the weighted sum is divided by when the batch is one part of a larger
             one: `None` (default) this call's own weights (their sum, or their non-zero count);
