@@ -279,7 +279,7 @@ def test_traced_step_is_gpu_ready():
 @pytest.mark.parametrize("flags", [LEGAL_FLAGS[0], LEGAL_FLAGS[3]], ids=_flag_id)
 def test_traced_step_with_class_slices_is_gpu_ready(flags, monkeypatch):
     # Static classes: the kernel gradient in slices, with an accumulator each (the path of known shapes).
-    monkeypatch.setattr(linear_head, "CLASS_SLICE", 4)
+    monkeypatch.setattr(_linear_head, "CLASS_SLICE", 4)
     x = _inputs()
     step = tf.function(_step(chunk_size=4, label_smoothing=0.1, z_loss=0.01, **flags))
     concrete = step.get_concrete_function(x["hidden"], x["kernel"], x["bias"], x["targets"], x["lengths"])
@@ -320,7 +320,7 @@ def test_kernel_gradient_summed_in_class_slices_equals_the_materialised_loss(cla
                                                                             monkeypatch):
     # Slices of accumulators outside XLA; one buffer updated slice by slice in a loop under XLA; the
     # second flags give a per-token upstream gradient (the backward pass runs the loop again).
-    monkeypatch.setattr(linear_head, "CLASS_SLICE", class_slice)
+    monkeypatch.setattr(_linear_head, "CLASS_SLICE", class_slice)
     x = _inputs()
     step = _step(chunk_size=8, label_smoothing=0.1, z_loss=0.01, **flags)
     if mode != "eager":

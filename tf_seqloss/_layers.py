@@ -16,7 +16,7 @@ import tensorflow as tf
 from tf_seqloss import _checks, _distribute, _keras, _linear_head
 from tf_seqloss._keras import keras
 from tf_seqloss._keras_loss import SequenceLoss
-from tf_seqloss._options import FIELDS, FLAGS, LossOptions, expose, reduce_for_keras
+from tf_seqloss._options import FIELDS, FLAGS, LossOptions, expose, reduce_for_keras, refuse
 
 
 @keras.saving.register_keras_serializable(package="tf_seqloss")
@@ -190,6 +190,13 @@ class SequenceLossLayer(keras.layers.Layer):
 
 # The options of `FusedLinearHead`: those of `linear_sequence_loss`.
 _HEAD_OPTIONS = FLAGS + ("padding_id", "label_smoothing", "z_loss", "epsilon", "normalizer")
+# The options of `SequenceLossLayer` the head has no meaning for, and why.
+_NOT_HEAD_OPTIONS = {
+    "from_logits": "the head computes the logits itself, so its loss never takes probabilities",
+    "softmax_loss_function": "the head's chunked loop computes the softmax cross-entropy itself and never "
+                             "builds the logits a custom function would take",
+    "implementation": "the head has one formulation, the chunked loop of `linear_sequence_loss`",
+}
 
 
 @keras.saving.register_keras_serializable(package="tf_seqloss")
@@ -266,6 +273,9 @@ class FusedLinearHead(keras.layers.Layer):
         normalizer=None,
         **kwargs,
     ):
+        for option, reason in _NOT_HEAD_OPTIONS.items():
+            if option in kwargs:
+                refuse("FusedLinearHead", option, kwargs[option], "no such argument", reason)
         _check_layer_dtype(kwargs, "FusedLinearHead", floating=True)
         super().__init__(**kwargs)
         if isinstance(units, bool) or not isinstance(units, int) or units < 1:

@@ -556,11 +556,11 @@ def sampled_sequence_loss(
         label_smoothing=label_smoothing, z_loss=z_loss, normalizer=normalizer, epsilon=epsilon,
         padding_id=padding_id)
     if not _checks.is_zero(options.label_smoothing):
-        refuse("sampled_sequence_loss", "label_smoothing", options.label_smoothing,
+        refuse("sampled_sequence_loss", "label_smoothing", options.label_smoothing, "0",
                "TF1 label smoothing spreads probability mass over every class, and a sampled softmax sees "
                "only the target and the sampled classes; smooth with `linear_sequence_loss` instead")
     if options.z_loss:
-        refuse("sampled_sequence_loss", "z_loss", options.z_loss,
+        refuse("sampled_sequence_loss", "z_loss", options.z_loss, "0",
                "the z-loss penalises the log-sum-exp over every class, which a sampled softmax never "
                "computes; add it with `linear_sequence_loss` instead")
     if isinstance(num_sampled, (bool, np.bool_)) or not isinstance(num_sampled, (int, np.integer)) or num_sampled < 1:

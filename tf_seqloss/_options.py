@@ -16,9 +16,10 @@ import dataclasses
 import inspect
 from typing import Any, Callable, Optional
 
+import numpy as np
 import tensorflow as tf
 
-from tf_seqloss import _checks, _cross_entropy, _distribute
+from tf_seqloss import _checks, _cross_entropy, _distribute, _padding
 
 FLAGS = ("average_across_timesteps", "average_across_batch", "sum_over_timesteps", "sum_over_batch")
 
@@ -123,10 +124,10 @@ FIELDS = tuple(field.name for field in dataclasses.fields(LossOptions))
 """The option names, in the order of `LossOptions`."""
 
 
-def refuse(owner: str, option: str, value, reason: str) -> None:
-    """Raises the error of an entry point that has no meaning for `option`, saying why."""
+def refuse(owner: str, option: str, value, expected: str, reason: str) -> None:
+    """Raises the error of an entry point that has no meaning for `option` (or for its `value`), saying why."""
     raise ValueError(
-        f"Invalid value for argument `{option}` of `{owner}`. Expected its default, because {reason}. "
+        f"Invalid value for argument `{option}` of `{owner}`. Expected {expected}: {reason}. "
         f"Received: {option}={value!r}")
 
 
@@ -160,7 +161,7 @@ def _same(value, default) -> bool:
 
 
 def _check_bool(arg: str, value) -> bool:
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(
             f"Invalid value for argument `{arg}`. Expected True or False (`{arg}` must be a Python bool). "
             f"Received: {arg}={value!r}")
@@ -190,8 +191,7 @@ def reduce_tokens(weighted: tf.Tensor, token_weights: Optional[tf.Tensor], optio
                                   (1, options.average_across_timesteps or options.sum_over_timesteps)) if on]
     if not axes:
         return weighted
-    if token_weights is None:
-        token_weights = tf.ones(tf.shape(weighted), weighted.dtype)
+    token_weights = _padding.ones_if_none(token_weights, weighted)
     total = tf.reduce_sum(weighted, axis=axes)
     if options.average_across_timesteps or options.average_across_batch:
         normaliser = tf.reduce_sum(token_weights, axis=axes)
