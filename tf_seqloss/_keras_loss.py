@@ -16,7 +16,7 @@ from tensorflow.types.experimental import TensorLike
 
 from tf_seqloss import _checks, _distribute, _keras
 from tf_seqloss._keras import IS_KERAS_3, keras
-from tf_seqloss._options import LossOptions, expose, reduce_for_keras
+from tf_seqloss._options import LossOptions, expose, for_add_loss, reduce_for_keras
 from tf_seqloss._sequence_loss import compute_sequence_loss
 
 
@@ -254,14 +254,15 @@ class SequenceLoss(keras.losses.Loss):
         """Returns the loss reduced by `reduction`; `scale_for_replicas=False` for `add_loss`, which Keras scales."""
         with tf.name_scope(self._scope_name()):
             loss = self._weighted_loss(y_true, y_pred, sample_weight, lengths=lengths, mask=mask, owner=owner)
+            if not scale_for_replicas:  # for a layer's `add_loss`
+                return for_add_loss(loss, self._options, self.reduction)
             loss = reduce_for_keras(loss, self.reduction)
             if self.normalizer is not None:
-                # A share of the global mean already; a caller that divides by the replicas gets it multiplied.
-                if not scale_for_replicas or (not IS_KERAS_3 and self.reduction in _keras.MEAN_REDUCTIONS):
+                # A share of the global mean already; tf_keras' `compile` divides a mean by the replicas.
+                if not IS_KERAS_3 and self.reduction in _keras.MEAN_REDUCTIONS:
                     loss = _distribute.undo_replica_scaling(loss)
-            elif scale_for_replicas:
-                loss = _keras.scale_for_replicas(loss, self.reduction)
-            return loss
+                return loss
+            return _keras.scale_for_replicas(loss, self.reduction)
 
 
 # Rows of an eager `y_pred` judged by `_rows_look_like_probabilities`: a bounded, one-off cost.

@@ -16,7 +16,7 @@ import tensorflow as tf
 from tf_seqloss import _checks, _distribute, _keras, _linear_head
 from tf_seqloss._keras import keras
 from tf_seqloss._keras_loss import SequenceLoss
-from tf_seqloss._options import FIELDS, FLAGS, LossOptions, expose, reduce_for_keras, refuse
+from tf_seqloss._options import FIELDS, FLAGS, LossOptions, expose, for_add_loss, refuse
 
 
 @keras.saving.register_keras_serializable(package="tf_seqloss")
@@ -329,11 +329,7 @@ class FusedLinearHead(keras.layers.Layer):
         loss, log_sum_exp = _linear_head.compute_linear_sequence_loss(
             hidden, kernel, targets, self._options, bias=bias, weights=weights, lengths=lengths, mask=mask,
             chunk_size=self.chunk_size, return_log_sum_exp=True)
-        loss = reduce_for_keras(loss, self.reduction)
-        if self.normalizer is not None:
-            # A share of the global mean already: both Kerases divide `add_loss` losses by the replicas.
-            loss = _distribute.undo_replica_scaling(loss)
-        self.add_loss(loss)
+        self.add_loss(for_add_loss(loss, self._options, self.reduction))
         return log_sum_exp
 
     def compute_output_shape(self, hidden_shape, targets_shape=None, *args, **kwargs):

@@ -60,6 +60,7 @@ class _TokenMetric(keras.metrics.Metric):
         dtype = _checks.accumulator_dtype(dtype, type(self).__name__)
         super().__init__(name=name, dtype=dtype, **kwargs)
         self.padding_id = _checks.check_padding_id(padding_id)
+        self._options = LossOptions(padding_id=self.padding_id)  # built here, never inside a traced step
         self.total = self._sum_variable("total")
         self.count = self._sum_variable("count")
         self._unmarked_padding = _PaddingProbe()
@@ -79,7 +80,7 @@ class _TokenMetric(keras.metrics.Metric):
         ragged = isinstance(y_pred, tf.RaggedTensor) or isinstance(y_true, tf.RaggedTensor)
         logits = y_pred if isinstance(y_pred, tf.RaggedTensor) else tf.convert_to_tensor(y_pred)
         mask = _keras.get_mask(y_pred)
-        tokens = token_losses(logits, standardize_targets(y_true, logits), LossOptions(padding_id=self.padding_id),
+        tokens = token_losses(logits, standardize_targets(y_true, logits), self._options,
                               sample_weight=sample_weight, mask=mask)
         values = self._weighted_values(tokens)
         self.total.assign_add(tf.cast(tf.reduce_sum(values), self.dtype))

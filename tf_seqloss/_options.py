@@ -58,6 +58,7 @@ class LossOptions:
     implementation: str = "auto"
     allow_tensors: dataclasses.InitVar[bool] = True
 
+    @tf.autograph.experimental.do_not_convert  # plain Python checks, also when built inside a traced step
     def __post_init__(self, allow_tensors: bool) -> None:
         def store(field: str, value) -> None:
             object.__setattr__(self, field, value)  # frozen: only the checked value is ever stored
@@ -227,3 +228,13 @@ def reduce_for_keras(loss: tf.Tensor, reduction) -> tf.Tensor:
     if not loss.shape.rank or reduction in (None, "none"):
         return loss
     return tf.reduce_sum(loss) if reduction == "sum" else tf.reduce_mean(loss)
+
+
+def for_add_loss(loss: tf.Tensor, options: LossOptions, reduction) -> tf.Tensor:
+    """Returns a layer's loss as `add_loss` takes it: a scalar, times the replicas where it is a global share.
+
+    Both Kerases divide `add_loss` losses by the number of replicas in sync; a share of a global mean
+    (`normalizer` given) must reach the gradient as it is, so it is handed over multiplied by them.
+    """
+    loss = reduce_for_keras(loss, reduction)
+    return loss if options.normalizer is None else _distribute.undo_replica_scaling(loss)
