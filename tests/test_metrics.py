@@ -109,7 +109,7 @@ def test_bad_padding_id_names_the_argument():
 
 
 def test_docstring_examples_run():
-    result = doctest.testmod(metrics, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    result = doctest.testmod(_metrics, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
 
 
