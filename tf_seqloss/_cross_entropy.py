@@ -102,12 +102,8 @@ def sparse_cross_entropy(logits: tf.Tensor, labels: tf.Tensor, weights: Optional
     `"fused_xla"` the formulation of `_fused` (as plain ops, or as XLA kernels outside XLA), `"auto"` what
     `choose_implementation` picks. `z_loss=z` adds PaLM's `z * logsumexp(logits)**2` to every token's loss.
     """
-    num_classes = tf.cast(tf.shape(logits)[-1], labels.dtype)
-    valid = tf.logical_and(labels >= 0, labels < num_classes)
+    valid, safe_labels = checked_ids(labels, tf.shape(logits)[-1])
     active = None if weights is None else tf.not_equal(weights, 0)
-    # The CPU kernel raises on an out-of-range id while GPU and XLA kernels return NaN; a safe id makes all
-    # three agree, and `valid` keeps the information for `_weigh`.
-    safe_labels = tf.where(valid, labels, tf.zeros_like(labels))
     rows = logits.shape[:-1].num_elements() if logits.shape[:-1].is_fully_defined() else None
     chosen = choose_implementation(implementation, logits.shape[-1], rows=rows)
     if chosen != "reference":
@@ -248,9 +244,28 @@ def _weigh(loss: tf.Tensor, weights: Optional[tf.Tensor], active: Optional[tf.Te
     only applies gradients cannot train on silently. The loss of an inactive token is selected away
     before the product, so its gradient is exactly 0 even when the loss there is `inf` or `NaN`.
     """
-    nan = tf.constant(np.nan, loss.dtype)
     if weights is None:
-        return loss if valid is None else loss * tf.where(valid, tf.ones([], loss.dtype), nan)
+        return loss if valid is None else loss * nan_where_invalid(tf.ones([], loss.dtype), valid, None)
     loss = tf.where(active, loss, tf.zeros([], loss.dtype))
-    factor = weights if valid is None else tf.where(tf.logical_or(valid, tf.logical_not(active)), weights, nan)
-    return loss * factor
+    return loss * (weights if valid is None else nan_where_invalid(weights, valid, active))
+
+
+def checked_ids(labels: tf.Tensor, num_classes) -> tuple[tf.Tensor, tf.Tensor]:
+    """Returns `(valid, safe_labels)`: which ids lie in `[0, num_classes)`, and the ids with 0 elsewhere.
+
+    The rule for out-of-range ids, shared by every loss of the package: the CPU kernel raises on an
+    out-of-range id while GPU and XLA kernels return NaN; a safe id makes all three agree, and `valid`
+    keeps the information for `nan_where_invalid`.
+    """
+    valid = tf.logical_and(labels >= 0, labels < tf.cast(num_classes, labels.dtype))
+    return valid, tf.where(valid, labels, tf.zeros_like(labels))
+
+
+def nan_where_invalid(factor: tf.Tensor, valid: tf.Tensor, active: Optional[tf.Tensor]) -> tf.Tensor:
+    """Returns `factor` (a token's weight, or 1) with NaN at the real tokens whose id is invalid.
+
+    `active` (None: every token) marks the tokens of non-zero weight; an invalid id at a padded token is
+    ignored. A token's loss is multiplied by the result, so the NaN reaches its gradient too.
+    """
+    keep = valid if active is None else tf.logical_or(valid, tf.logical_not(active))
+    return tf.where(keep, factor, tf.constant(np.nan, factor.dtype))

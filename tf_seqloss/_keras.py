@@ -33,6 +33,17 @@ except ImportError:  # tf_keras, or a Keras 3 that moved it
 # replicas under `tf.distribute` (tf_keras' `compile` divides itself).
 MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight", "auto")
 NO_REDUCTIONS = (None, "none")
+# The reductions that give `add_loss` the scalar it needs, as the running Keras names them.
+SCALAR_REDUCTIONS = ("sum_over_batch_size", "sum") + (("mean", "mean_with_sample_weight") if IS_KERAS_3 else ("auto",))
+
+
+def check_scalar_reduction(reduction, owner: str) -> None:
+    """Refuses a `reduction` that leaves a layer's non-scalar loss unreduced: `add_loss` takes a scalar."""
+    if not isinstance(reduction, (str, type(None))) or reduction not in SCALAR_REDUCTIONS:
+        raise ValueError(
+            f"Invalid value for argument `reduction` of `{owner}`. Expected one of {SCALAR_REDUCTIONS}: the "
+            "layer hands its loss to `add_loss`, which needs a scalar, so the reduction must reduce what the "
+            f"flags leave (`None` and 'none' do not). Received: reduction={reduction!r}")
 
 
 def get_mask(tensor):

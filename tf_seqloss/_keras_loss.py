@@ -6,20 +6,22 @@ that `TF_USE_LEGACY_KERAS=1` selects.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from typing import Callable, Optional
 
-import numpy as np
 import tensorflow as tf
 from tensorflow.types.experimental import TensorLike
 
-from tf_seqloss import _checks, _keras, _distribute
+from tf_seqloss import _checks, _distribute, _keras
 from tf_seqloss._keras import IS_KERAS_3, keras
-from tf_seqloss._sequence_loss import check_options, compute_sequence_loss
+from tf_seqloss._options import LossOptions, expose, for_add_loss, reduce_for_keras
+from tf_seqloss._sequence_loss import compute_sequence_loss
 
 
 @keras.saving.register_keras_serializable(package="tf_seqloss")
+@expose()
 class SequenceLoss(keras.losses.Loss):
     """Returns `tf_seqloss.sequence_loss` of a batch, with Keras' padding routes as its weights.
 
@@ -82,6 +84,8 @@ class SequenceLoss(keras.losses.Loss):
             `Softmax` op in a traced graph; eagerly, on the first call, rows that are non-negative and
             sum to 1) gets a warning, once per loss object; the result is unchanged.
         label_smoothing: keyword-only. As in `sequence_loss`.
+        z_loss: keyword-only. As in `sequence_loss`: adds `z_loss * logsumexp(logits)**2` to every
+            token's loss. Not allowed with `softmax_loss_function` or `from_logits=False`.
         epsilon: keyword-only. As in `sequence_loss`.
         implementation: keyword-only. As in `sequence_loss`.
         normalizer: keyword-only. As in `sequence_loss`, a Python number or `"global"`. With `"global"`,
@@ -142,19 +146,15 @@ class SequenceLoss(keras.losses.Loss):
         dtype=None,
         normalizer=None,
         from_logits: bool = True,
+        z_loss: float = 0.0,
     ):
         # An unset averaging flag is True, as in contrib, unless a `sum_over_*` flag is set: then
         # `SequenceLoss(sum_over_timesteps=True, sum_over_batch=True)` is TFA's class default.
-        summing = bool(sum_over_timesteps) or bool(sum_over_batch)
-        if average_across_timesteps is None:
-            average_across_timesteps = not summing
-        if average_across_batch is None:
-            average_across_batch = not summing
-        label_smoothing, padding_id, normalizer = check_options(
+        options = LossOptions(
             average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
-            softmax_loss_function, padding_id, label_smoothing, epsilon, implementation,
-            allow_tensors=False, normalizer=normalizer)
-        from_logits = check_from_logits(from_logits, softmax_loss_function)
+            label_smoothing=label_smoothing, z_loss=z_loss, normalizer=normalizer, epsilon=epsilon,
+            padding_id=padding_id, from_logits=from_logits, softmax_loss_function=softmax_loss_function,
+            implementation=implementation, allow_tensors=False)  # a tensor cannot be saved in the config
 
         _checks.check_name(name, "SequenceLoss")
         loss_dtype = _dtype_name(dtype)  # before Keras 3's own check, whose message does not name `dtype`
@@ -162,17 +162,7 @@ class SequenceLoss(keras.losses.Loss):
             super().__init__(name=name, reduction=reduction, dtype=dtype)
         else:
             super().__init__(reduction=reduction, name=name)
-        self.average_across_timesteps = average_across_timesteps
-        self.average_across_batch = average_across_batch
-        self.sum_over_timesteps = sum_over_timesteps
-        self.sum_over_batch = sum_over_batch
-        self.softmax_loss_function = softmax_loss_function
-        self.padding_id = padding_id
-        self.label_smoothing = label_smoothing
-        self.epsilon = epsilon
-        self.implementation = implementation
-        self.normalizer = normalizer
-        self.from_logits = from_logits
+        self._options = options
         # Warned about probabilities given as logits; checked their values eagerly (once, it costs a pass).
         self._warned_probabilities = False
         self._checked_values = False
@@ -196,25 +186,13 @@ class SequenceLoss(keras.losses.Loss):
     @tf.autograph.experimental.do_not_convert
     def call(self, y_true: TensorLike, y_pred: TensorLike) -> tf.Tensor:
         """Returns `sequence_loss` with the flags, weighted by `y_pred`'s Keras mask and `padding_id` only."""
-        return self._weighted_loss(y_true, y_pred, None, normalizer=self.normalizer)
+        return self._weighted_loss(y_true, y_pred, None)
 
     def get_config(self) -> dict:
         config = super().get_config()
-        fn = self.softmax_loss_function
-        config.update(
-            average_across_timesteps=self.average_across_timesteps,
-            average_across_batch=self.average_across_batch,
-            sum_over_timesteps=self.sum_over_timesteps,
-            sum_over_batch=self.sum_over_batch,
-            softmax_loss_function=_keras.serialize_function(fn),
-            padding_id=self.padding_id,
-            label_smoothing=self.label_smoothing,
-            epsilon=self.epsilon,
-            implementation=self.implementation,
-            normalizer=self.normalizer,
-            from_logits=self.from_logits,
-            dtype=_dtype_config(self._dtype_argument),
-        )
+        config.update(self._options.config(),
+                      softmax_loss_function=_keras.serialize_function(self.softmax_loss_function),
+                      dtype=_dtype_config(self._dtype_argument))
         return config
 
     @classmethod
@@ -228,17 +206,17 @@ class SequenceLoss(keras.losses.Loss):
         name = re.sub(r"[^A-Za-z0-9_.\-]", "_", self.name or type(self).__name__).lstrip("_.-")
         return name or "sequence_loss"
 
-    def _weighted_loss(self, y_true, y_pred, sample_weight, *, lengths=None, mask=None, normalizer=None,
+    def _weighted_loss(self, y_true, y_pred, sample_weight, *, lengths=None, mask=None,
                        owner: str = "SequenceLoss"):
         if mask is None:
             mask = _keras.get_mask(y_pred)
-        from_logits = self.from_logits
-        if from_logits:
+        options = self._options
+        if options.from_logits:
             self._warn_if_probabilities(y_pred, owner)
         else:
             softmax_input = _softmax_input(y_pred)
             if softmax_input is not None:  # As Keras does: the logits, exact where clipping would not be.
-                y_pred, from_logits = softmax_input, True
+                y_pred, options = softmax_input, dataclasses.replace(options, from_logits=True)
         logits = y_pred if isinstance(y_pred, tf.RaggedTensor) else tf.convert_to_tensor(y_pred)
         dtype = tf.as_dtype(self._loss_dtype)
         # Half-precision logits under a half-precision `dtype` go in as they are (computed in float32 inside
@@ -247,15 +225,8 @@ class SequenceLoss(keras.losses.Loss):
         if logits.dtype.is_floating and logits.dtype != dtype and not (dtype in half and logits.dtype in half):
             logits = tf.cast(logits, self.dtype)
         return compute_sequence_loss(
-            logits, standardize_targets(y_true, logits), sample_weight=sample_weight, lengths=lengths,
-            padding_id=self.padding_id, mask=mask,
-            average_across_timesteps=self.average_across_timesteps,
-            average_across_batch=self.average_across_batch,
-            sum_over_timesteps=self.sum_over_timesteps, sum_over_batch=self.sum_over_batch,
-            softmax_loss_function=self.softmax_loss_function, label_smoothing=self.label_smoothing,
-            epsilon=self.epsilon, implementation=self.implementation, normalizer=normalizer,
-            from_logits=from_logits, probability_epsilon=keras.backend.epsilon(),
-        )
+            logits, standardize_targets(y_true, logits), options, sample_weight=sample_weight, lengths=lengths,
+            mask=mask, probability_epsilon=keras.backend.epsilon())
 
     def _warn_if_probabilities(self, y_pred, owner: str) -> None:
         """Warns once when `y_pred` looks like probabilities; reads `y_pred` only, never changes the loss."""
@@ -285,31 +256,16 @@ class SequenceLoss(keras.losses.Loss):
                       scale_for_replicas: bool, owner: str = "SequenceLoss"):
         """Returns the loss reduced by `reduction`; `scale_for_replicas=False` for `add_loss`, which Keras scales."""
         with tf.name_scope(self._scope_name()):
-            loss = self._weighted_loss(y_true, y_pred, sample_weight, lengths=lengths, mask=mask,
-                                       normalizer=self.normalizer, owner=owner)
-            if loss.shape.rank and self.reduction not in _keras.NO_REDUCTIONS:
-                loss = tf.reduce_sum(loss) if self.reduction == "sum" else tf.reduce_mean(loss)
+            loss = self._weighted_loss(y_true, y_pred, sample_weight, lengths=lengths, mask=mask, owner=owner)
+            if not scale_for_replicas:  # for a layer's `add_loss`
+                return for_add_loss(loss, self._options, self.reduction)
+            loss = reduce_for_keras(loss, self.reduction)
             if self.normalizer is not None:
-                # A share of the global mean already; a caller that divides by the replicas gets it multiplied.
-                if not scale_for_replicas or (not IS_KERAS_3 and self.reduction in _keras.MEAN_REDUCTIONS):
+                # A share of the global mean already; tf_keras' `compile` divides a mean by the replicas.
+                if not IS_KERAS_3 and self.reduction in _keras.MEAN_REDUCTIONS:
                     loss = _distribute.undo_replica_scaling(loss)
-            elif scale_for_replicas:
-                loss = _keras.scale_for_replicas(loss, self.reduction)
-            return loss
-
-
-def check_from_logits(from_logits, softmax_loss_function) -> bool:
-    """Returns `from_logits` as a bool after checking it and the options it combines with."""
-    if not isinstance(from_logits, (bool, np.bool_)):
-        raise TypeError(
-            "Invalid value for argument `from_logits`. Expected a Python bool. "
-            f"Received: from_logits={from_logits!r}")
-    if not from_logits and softmax_loss_function is not None:
-        raise ValueError(
-            "`from_logits=False` cannot be combined with `softmax_loss_function`: the function receives "
-            "`y_pred` as it is; turn probabilities into what it expects inside it. "
-            f"Received: from_logits=False, softmax_loss_function={softmax_loss_function!r}")
-    return bool(from_logits)
+                return loss
+            return _keras.scale_for_replicas(loss, self.reduction)
 
 
 # Rows of an eager `y_pred` judged by `_rows_look_like_probabilities`: a bounded, one-off cost.

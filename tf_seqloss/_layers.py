@@ -13,10 +13,10 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
-from tf_seqloss import _checks, _keras, _distribute, _linear_head
+from tf_seqloss import _checks, _distribute, _keras, _linear_head
 from tf_seqloss._keras import keras
 from tf_seqloss._keras_loss import SequenceLoss
-from tf_seqloss._sequence_loss import check_options
+from tf_seqloss._options import FIELDS, FLAGS, LossOptions, expose, for_add_loss, refuse
 
 
 @keras.saving.register_keras_serializable(package="tf_seqloss")
@@ -76,6 +76,7 @@ class SequenceMask(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="tf_seqloss")
+@expose()
 class SequenceLossLayer(keras.layers.Layer):
     """Returns `logits` unchanged, after adding their `sequence_loss` against `targets` to the model's losses.
 
@@ -90,9 +91,10 @@ class SequenceLossLayer(keras.layers.Layer):
 
     Args:
         average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
-        softmax_loss_function, padding_id, label_smoothing, epsilon, implementation, reduction,
+        softmax_loss_function, padding_id, label_smoothing, z_loss, epsilon, implementation, reduction,
         from_logits: as in `tf_seqloss.SequenceLoss` (same defaults), except that `reduction` must give a
-            scalar (`"sum_over_batch_size"` or `"sum"`). With `from_logits=False`, `logits` are
+            scalar (`"sum_over_batch_size"`, `"sum"`; Keras 3 also `"mean"`, `"mean_with_sample_weight"`,
+            tf_keras `"auto"`), as for `FusedLinearHead`. With `from_logits=False`, `logits` are
             probabilities (the output of a softmax), and the layer returns them unchanged.
         normalizer: as in `tf_seqloss.SequenceLoss`: `"global"` makes `fit` under a `tf.distribute` strategy
             train on the global token mean of each batch (the layer hands `add_loss` its replica's share
@@ -134,13 +136,10 @@ class SequenceLossLayer(keras.layers.Layer):
         reduction="sum_over_batch_size",
         normalizer=None,
         from_logits: bool = True,
+        z_loss: float = 0.0,
         **kwargs,
     ):
-        if reduction in (None, "none"):
-            raise ValueError(
-                "`reduction` of `SequenceLossLayer` must reduce to a scalar for `add_loss`: "
-                f"'sum_over_batch_size' or 'sum'. Received: reduction={reduction!r}"
-            )
+        _keras.check_scalar_reduction(reduction, "SequenceLossLayer")
         _check_layer_dtype(kwargs, "SequenceLossLayer")
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
@@ -150,30 +149,18 @@ class SequenceLossLayer(keras.layers.Layer):
             average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
             softmax_loss_function, padding_id=padding_id, label_smoothing=label_smoothing,
             epsilon=epsilon, implementation=implementation, reduction=reduction, normalizer=normalizer,
-            from_logits=from_logits, name=self.name + "_loss",
+            from_logits=from_logits, z_loss=z_loss, name=self.name + "_loss",
         )
-        self.average_across_timesteps = self._sequence_loss.average_across_timesteps
-        self.average_across_batch = self._sequence_loss.average_across_batch
-        self.sum_over_timesteps = sum_over_timesteps
-        self.sum_over_batch = sum_over_batch
-        self.softmax_loss_function = softmax_loss_function
-        self.padding_id = self._sequence_loss.padding_id
-        self.label_smoothing = self._sequence_loss.label_smoothing
-        self.epsilon = epsilon
-        self.implementation = implementation
-        self.reduction = reduction
-        self.normalizer = self._sequence_loss.normalizer
-        self.from_logits = self._sequence_loss.from_logits
+        # The options live in the loss object only; the layer's option attributes read them (`expose`).
+        self._options = self._sequence_loss._options
+
+    @property
+    def reduction(self):
+        """How a non-scalar loss is reduced before `add_loss` (read-only, as the options)."""
+        return self._sequence_loss.reduction
 
     def call(self, logits, targets, weights=None, lengths=None, mask=None):
-        if self.normalizer == _distribute.GLOBAL and _keras.IS_KERAS_3 and _distribute.replicas_in_sync() > 1:
-            # Keras 3 keeps `add_loss` losses in one list that the replica threads share; the all-reduce
-            # inside this call lets one replica's logged total take in another's loss. The gradient is exact.
-            warnings.warn(
-                "Under Keras 3 with several replicas, the loss `fit` logs for `SequenceLossLayer("
-                "normalizer='global')` is not the global token mean (the gradients it trains on are exact). "
-                "For an exact logged value use `compile(loss=tf_seqloss.SequenceLoss(normalizer='global'))`, "
-                "or read `tf_seqloss.TokenPerplexity` (its log is the token mean).", stacklevel=2)
+        _warn_about_logged_global_loss(self)
         # Both Kerases divide `add_loss` losses by the number of replicas themselves.
         self.add_loss(self._sequence_loss._reduced_loss(
             targets, logits, weights, lengths=lengths, mask=mask, scale_for_replicas=False,
@@ -189,9 +176,7 @@ class SequenceLossLayer(keras.layers.Layer):
     def get_config(self) -> dict:
         config = super().get_config()
         loss_config = self._sequence_loss.get_config()
-        for key in ("average_across_timesteps", "average_across_batch", "sum_over_timesteps", "sum_over_batch",
-                    "softmax_loss_function", "padding_id", "label_smoothing", "epsilon", "implementation",
-                    "reduction", "normalizer", "from_logits"):
+        for key in FIELDS + ("reduction",):
             config[key] = loss_config[key]
         return config
 
@@ -203,7 +188,19 @@ class SequenceLossLayer(keras.layers.Layer):
         return cls(**config)
 
 
+# The options of `FusedLinearHead`: those of `linear_sequence_loss`.
+_HEAD_OPTIONS = FLAGS + ("padding_id", "label_smoothing", "z_loss", "epsilon", "normalizer")
+# The options of `SequenceLossLayer` the head has no meaning for, and why.
+_NOT_HEAD_OPTIONS = {
+    "from_logits": "the head computes the logits itself, so its loss never takes probabilities",
+    "softmax_loss_function": "the head's chunked loop computes the softmax cross-entropy itself and never "
+                             "builds the logits a custom function would take",
+    "implementation": "the head has one formulation, the chunked loop of `linear_sequence_loss`",
+}
+
+
 @keras.saving.register_keras_serializable(package="tf_seqloss")
+@expose(*_HEAD_OPTIONS)
 class FusedLinearHead(keras.layers.Layer):
     """Returns the logits `hidden @ kernel + bias`, or, given targets, trains on their fused sequence loss.
 
@@ -227,12 +224,18 @@ class FusedLinearHead(keras.layers.Layer):
         use_bias: whether the projection has a bias.
         kernel_initializer, bias_initializer: Keras initializers of the kernel and bias.
         average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch: keyword-only;
-            the contrib flags, as in `sequence_loss` (same defaults).
+            the contrib flags, as in `tf_seqloss.SequenceLoss`: an unset (`None`) averaging flag is True
+            unless a `sum_over_*` flag is True, so `sum_over_timesteps=True, sum_over_batch=True` alone
+            is TFA's class default.
         padding_id, label_smoothing, z_loss, epsilon, chunk_size: keyword-only; as in
             `linear_sequence_loss`.
+        normalizer: keyword-only. As in `tf_seqloss.SequenceLossLayer`: a Python number or `"global"`
+            (the exact token mean over the replicas of a `tf.distribute` strategy).
         top_k: keyword-only. `None` (default): inference returns the logits; an int `k`: it returns
             `(values, ids)` of the `k` largest logits of every token.
-        reduction: keyword-only. `"sum_over_batch_size"` (default) or `"sum"`, for non-scalar flags.
+        reduction: keyword-only. As in `tf_seqloss.SequenceLossLayer`: `"sum_over_batch_size"`
+            (default) or another mean reduction of the running Keras averages a non-scalar loss, `"sum"`
+            sums it.
         **kwargs: passed to `keras.layers.Layer` (`name`, `dtype`, ...); `dtype` must be floating (the
             kernel's), e.g. `"float32"` or `"mixed_bfloat16"`.
 
@@ -256,8 +259,8 @@ class FusedLinearHead(keras.layers.Layer):
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         *,
-        average_across_timesteps: bool = True,
-        average_across_batch: bool = True,
+        average_across_timesteps: Optional[bool] = None,
+        average_across_batch: Optional[bool] = None,
         sum_over_timesteps: bool = False,
         sum_over_batch: bool = False,
         padding_id: Optional[int] = None,
@@ -267,34 +270,29 @@ class FusedLinearHead(keras.layers.Layer):
         chunk_size: Optional[int] = None,
         top_k: Optional[int] = None,
         reduction: str = "sum_over_batch_size",
+        normalizer=None,
         **kwargs,
     ):
+        for option, reason in _NOT_HEAD_OPTIONS.items():
+            if option in kwargs:
+                refuse("FusedLinearHead", option, kwargs[option], "no such argument", reason)
         _check_layer_dtype(kwargs, "FusedLinearHead", floating=True)
         super().__init__(**kwargs)
         if isinstance(units, bool) or not isinstance(units, int) or units < 1:
             raise ValueError(f"`units` must be a positive int (the number of classes). Received: units={units!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= units):
             raise ValueError(f"`top_k` must be None or an int in [1, units={units}]. Received: top_k={top_k!r}")
-        if reduction not in ("sum_over_batch_size", "sum"):
-            raise ValueError("`reduction` of `FusedLinearHead` must reduce to a scalar for `add_loss`: "
-                             f"'sum_over_batch_size' or 'sum'. Received: reduction={reduction!r}")
-        label_smoothing, padding_id, _ = check_options(  # a tensor `label_smoothing` cannot be saved in the config
-            average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch, None,
-            padding_id, label_smoothing, epsilon, "auto", allow_tensors=False)
+        _keras.check_scalar_reduction(reduction, "FusedLinearHead")
+        self._options = LossOptions(  # a tensor option cannot be saved in the config
+            average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
+            label_smoothing=label_smoothing, z_loss=z_loss, normalizer=normalizer, epsilon=epsilon,
+            padding_id=padding_id, allow_tensors=False)
         self.units = units
         if not isinstance(use_bias, (bool, np.bool_)):  # `bool("False")` is True: refuse rather than guess.
             raise TypeError(f"`use_bias` must be a Python bool. Received: use_bias={use_bias!r}")
         self.use_bias = bool(use_bias)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.average_across_timesteps = average_across_timesteps
-        self.average_across_batch = average_across_batch
-        self.sum_over_timesteps = sum_over_timesteps
-        self.sum_over_batch = sum_over_batch
-        self.padding_id = padding_id
-        self.label_smoothing = label_smoothing
-        self.z_loss = _checks.check_z_loss(z_loss)
-        self.epsilon = epsilon
         self.chunk_size = _linear_head.check_chunk_size(chunk_size)
         self.top_k = top_k
         self.reduction = reduction
@@ -327,16 +325,11 @@ class FusedLinearHead(keras.layers.Layer):
         targets = tf.convert_to_tensor(targets)
         if targets.dtype.is_floating:
             targets = tf.cast(targets, tf.int64)  # Keras may hand ids over as floats.
+        _warn_about_logged_global_loss(self)
         loss, log_sum_exp = _linear_head.compute_linear_sequence_loss(
-            hidden, kernel, targets, bias=bias, weights=weights, lengths=lengths, padding_id=self.padding_id,
-            mask=mask, average_across_timesteps=self.average_across_timesteps,
-            average_across_batch=self.average_across_batch, sum_over_timesteps=self.sum_over_timesteps,
-            sum_over_batch=self.sum_over_batch, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
-            epsilon=self.epsilon, chunk_size=self.chunk_size, return_log_sum_exp=True)
-        if loss.shape.rank:
-            loss = tf.reduce_sum(loss) if self.reduction == "sum" else tf.reduce_mean(loss)
-        # Both Kerases divide `add_loss` losses by the number of replicas themselves.
-        self.add_loss(loss)
+            hidden, kernel, targets, self._options, bias=bias, weights=weights, lengths=lengths, mask=mask,
+            chunk_size=self.chunk_size, return_log_sum_exp=True)
+        self.add_loss(for_add_loss(loss, self._options, self.reduction))
         return log_sum_exp
 
     def compute_output_shape(self, hidden_shape, targets_shape=None, *args, **kwargs):
@@ -358,12 +351,21 @@ class FusedLinearHead(keras.layers.Layer):
             units=self.units, use_bias=self.use_bias,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
-            average_across_timesteps=self.average_across_timesteps,
-            average_across_batch=self.average_across_batch, sum_over_timesteps=self.sum_over_timesteps,
-            sum_over_batch=self.sum_over_batch, padding_id=self.padding_id,
-            label_smoothing=self.label_smoothing, z_loss=self.z_loss, epsilon=self.epsilon,
+            **self._options.config(*_HEAD_OPTIONS),
             chunk_size=self.chunk_size, top_k=self.top_k, reduction=self.reduction)
         return config
+
+
+def _warn_about_logged_global_loss(layer) -> None:
+    if layer.normalizer == _distribute.GLOBAL and _keras.IS_KERAS_3 and _distribute.replicas_in_sync() > 1:
+        # Keras 3 keeps `add_loss` losses in one list that the replica threads share; the all-reduce
+        # inside this call lets one replica's logged total take in another's loss. The gradient is exact.
+        owner = type(layer).__name__
+        warnings.warn(
+            f"Under Keras 3 with several replicas, the loss `fit` logs for `{owner}("
+            "normalizer='global')` is not the global token mean (the gradients it trains on are exact). "
+            "For an exact logged value use `compile(loss=tf_seqloss.SequenceLoss(normalizer='global'))`, "
+            "or read `tf_seqloss.TokenPerplexity` (its log is the token mean).", stacklevel=3)
 
 
 # The largest time size TensorFlow indexes with int32 (`tf.shape`'s default): a larger `maxlen` only fails,

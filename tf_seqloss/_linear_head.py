@@ -40,9 +40,8 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from tf_seqloss import _checks, _fused, _cross_entropy
-from tf_seqloss import _padding
-from tf_seqloss._sequence_loss import _reduce, check_options
+from tf_seqloss import _checks, _cross_entropy, _fused, _padding
+from tf_seqloss._options import LossOptions, reduce_tokens, refuse
 
 try:  # Whether a gradient tape (eager or traced) could record the ops being built now. Private API; without
     # it the forward pass never forms the gradients and the backward pass runs the loop again: slower, exact.
@@ -137,18 +136,15 @@ def linear_sequence_loss(
     >>> bool(abs(fused - materialised) < 1e-5)
     True
     """
-    label_smoothing, padding_id, normalizer = check_options(
+    options = LossOptions(
         average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
-        None, padding_id, label_smoothing, epsilon, "auto", normalizer=normalizer)
-    z_loss = _checks.check_z_loss(z_loss)
+        label_smoothing=label_smoothing, z_loss=z_loss, normalizer=normalizer, epsilon=epsilon,
+        padding_id=padding_id)
     chunk_size = check_chunk_size(chunk_size)
     with tf.name_scope(name or "linear_sequence_loss"):
         return compute_linear_sequence_loss(
-            hidden, kernel, targets, bias=bias, weights=weights, lengths=lengths, padding_id=padding_id,
-            average_across_timesteps=average_across_timesteps, average_across_batch=average_across_batch,
-            sum_over_timesteps=sum_over_timesteps, sum_over_batch=sum_over_batch,
-            label_smoothing=label_smoothing, z_loss=z_loss, epsilon=epsilon, chunk_size=chunk_size,
-            return_log_sum_exp=return_log_sum_exp, normalizer=normalizer)
+            hidden, kernel, targets, options, bias=bias, weights=weights, lengths=lengths, chunk_size=chunk_size,
+            return_log_sum_exp=return_log_sum_exp)
 
 
 def check_chunk_size(chunk_size) -> Optional[int]:
@@ -192,32 +188,27 @@ def check_head_targets(hidden, targets, padding_id):
     return targets
 
 
-def compute_linear_sequence_loss(hidden, kernel, targets, *, bias=None, weights=None, sample_weight=None,
-                                 lengths=None, padding_id=None, mask=None, average_across_timesteps=True,
-                                 average_across_batch=True, sum_over_timesteps=False, sum_over_batch=False,
-                                 label_smoothing=0.0, z_loss=0.0, epsilon=None, chunk_size=None,
-                                 return_log_sum_exp=False, normalizer=None):
-    """`linear_sequence_loss` on checked options, also taking Keras' `sample_weight` and mask."""
+def compute_linear_sequence_loss(hidden, kernel, targets, options: LossOptions, *, bias=None, weights=None,
+                                 sample_weight=None, lengths=None, mask=None, chunk_size=None,
+                                 return_log_sum_exp=False):
+    """`linear_sequence_loss` with checked `options`, also taking Keras' `sample_weight` and mask."""
     hidden, kernel, bias = check_head(hidden, kernel, bias)
-    targets = check_head_targets(hidden, targets, padding_id)
+    targets = check_head_targets(hidden, targets, options.padding_id)
     dtype = _checks.compute_dtype(hidden.dtype)
     token_weights = _padding.token_weights(
         hidden, targets, dtype=dtype, weights=weights, sample_weight=sample_weight, lengths=lengths,
-        padding_id=padding_id, mask=mask, reference_arg="hidden")
+        padding_id=options.padding_id, mask=mask, reference_arg="hidden")
 
     features = _checks.dim(hidden, 2)
     flat_hidden = tf.reshape(hidden, [-1, features])
     flat_weights = None if token_weights is None else tf.reshape(token_weights, [-1])
     # When the flags reduce both axes, every token's weighted loss gets the same upstream gradient.
-    uniform = (average_across_timesteps or sum_over_timesteps) and (average_across_batch or sum_over_batch)
     flat_loss, flat_lse = fused_linear_cross_entropy(
-        flat_hidden, kernel, bias, tf.reshape(targets, [-1]), flat_weights, label_smoothing=label_smoothing,
-        z_loss=z_loss, chunk_size=chunk_size, uniform_upstream=uniform)
+        flat_hidden, kernel, bias, tf.reshape(targets, [-1]), flat_weights,
+        label_smoothing=options.label_smoothing, z_loss=options.z_loss, chunk_size=chunk_size,
+        uniform_upstream=options.reduces_both_axes)
     weighted = tf.reshape(flat_loss, tf.shape(targets))
-    if token_weights is None:
-        token_weights = tf.ones(tf.shape(weighted), weighted.dtype)
-    loss = _reduce(weighted, token_weights, average_across_timesteps, average_across_batch,
-                   sum_over_timesteps, sum_over_batch, epsilon, normalizer)
+    loss = reduce_tokens(weighted, token_weights, options)
     if return_log_sum_exp:
         return loss, tf.reshape(flat_lse, tf.shape(targets))
     return loss
@@ -246,15 +237,13 @@ def fused_linear_cross_entropy(hidden, kernel, bias, labels, weights, *, label_s
     smoothing = None if _checks.is_zero(label_smoothing) else _checks.cast_number(label_smoothing, dtype)
     z = None if _checks.is_zero(z_loss) else _checks.cast_number(z_loss, dtype)
     n = tf.shape(hidden, out_type=tf.int32)[0]
-    num_classes = tf.shape(kernel, out_type=labels.dtype)[1]
-    valid = tf.logical_and(labels >= 0, labels < num_classes)
-    safe_labels = tf.where(valid, labels, tf.zeros_like(labels))
+    valid, safe_labels = _cross_entropy.checked_ids(labels, tf.shape(kernel, out_type=labels.dtype)[1])
     if weights is None:
-        factor = tf.where(valid, tf.ones([], dtype), tf.constant(np.nan, dtype))
+        factor = _cross_entropy.nan_where_invalid(tf.ones([], dtype), valid, None)
         order, n_active = tf.range(n), n
     else:
         active = tf.not_equal(weights, 0)
-        factor = tf.where(tf.logical_or(valid, tf.logical_not(active)), weights, tf.constant(np.nan, dtype))
+        factor = _cross_entropy.nan_where_invalid(weights, valid, active)
         # Real tokens first, in their order; the loop stops after the last chunk holding one.
         order = tf.argsort(tf.cast(tf.logical_not(active), tf.int32), stable=True)
         n_active = tf.reduce_sum(tf.cast(active, tf.int32))
@@ -511,6 +500,9 @@ def sampled_sequence_loss(
     remove_accidental_hits: bool = True,
     sampled_values=None,
     seed: Optional[int] = None,
+    normalizer=None,
+    label_smoothing=0.0,
+    z_loss=0.0,
 ):
     """Returns the sampled-softmax sequence loss of `hidden @ kernel + bias`, for training only.
 
@@ -531,7 +523,7 @@ def sampled_sequence_loss(
             which takes `[classes, features]`); `classes` must be known when traced.
         targets: `[batch, time]` integer class ids.
         weights, average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
-        name, lengths, padding_id, epsilon: as in `sequence_loss`.
+        name, lengths, padding_id, epsilon, normalizer: as in `sequence_loss`.
         num_sampled: keyword-only, required. The number of classes sampled per batch.
         bias: keyword-only. Optional `[classes]` bias.
         remove_accidental_hits: keyword-only. As in `tf.nn.sampled_softmax_loss` (default True).
@@ -542,6 +534,10 @@ def sampled_sequence_loss(
             them here and pass `remove_accidental_hits=False` (its op has no XLA kernel either); else a
             `ValueError` says so.
         seed: keyword-only. Seed of the default sampler.
+        label_smoothing: keyword-only. Refused unless 0 (`ValueError`): TF1 label smoothing spreads mass
+            over every class, while a sampled softmax sees only the target and the sampled classes.
+        z_loss: keyword-only. Refused unless 0 (`ValueError`): the z-loss penalises the log-sum-exp over
+            every class, which a sampled softmax never computes.
 
     Returns:
         The reduced loss, shaped as `sequence_loss`'s output for the flags.
@@ -555,8 +551,18 @@ def sampled_sequence_loss(
     >>> loss.shape
     TensorShape([])
     """
-    _, padding_id, _ = check_options(average_across_timesteps, average_across_batch, sum_over_timesteps,
-                                  sum_over_batch, None, padding_id, 0.0, epsilon, "auto")
+    options = LossOptions(
+        average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
+        label_smoothing=label_smoothing, z_loss=z_loss, normalizer=normalizer, epsilon=epsilon,
+        padding_id=padding_id)
+    if not _checks.is_zero(options.label_smoothing):
+        refuse("sampled_sequence_loss", "label_smoothing", options.label_smoothing, "0",
+               "TF1 label smoothing spreads probability mass over every class, and a sampled softmax sees "
+               "only the target and the sampled classes; smooth with `linear_sequence_loss` instead")
+    if options.z_loss:
+        refuse("sampled_sequence_loss", "z_loss", options.z_loss, "0",
+               "the z-loss penalises the log-sum-exp over every class, which a sampled softmax never "
+               "computes; add it with `linear_sequence_loss` instead")
     if isinstance(num_sampled, (bool, np.bool_)) or not isinstance(num_sampled, (int, np.integer)) or num_sampled < 1:
         raise ValueError(f"`num_sampled` must be a positive int. Received: num_sampled={num_sampled!r}")
     with tf.name_scope(name or "sampled_sequence_loss"):
@@ -574,12 +580,12 @@ def sampled_sequence_loss(
                 "of accidental hits have no XLA kernel. Received: sampled_values="
                 f"{'None' if sampled_values is None else 'a tuple'}, "
                 f"remove_accidental_hits={remove_accidental_hits!r}")
-        targets = check_head_targets(hidden, targets, padding_id)
+        targets = check_head_targets(hidden, targets, options.padding_id)
         dtype = _checks.compute_dtype(hidden.dtype)
         token_weights = _padding.token_weights(hidden, targets, dtype=dtype, weights=weights, lengths=lengths,
-                                                  padding_id=padding_id, reference_arg="hidden")
-        valid = tf.logical_and(targets >= 0, targets < num_classes)
-        safe_targets = tf.cast(tf.where(valid, targets, tf.zeros_like(targets)), tf.int64)
+                                               padding_id=options.padding_id, reference_arg="hidden")
+        valid, safe_targets = _cross_entropy.checked_ids(targets, num_classes)
+        safe_targets = tf.cast(safe_targets, tf.int64)
         class_weights = tf.transpose(kernel)
         class_bias = tf.zeros([num_classes], kernel.dtype) if bias is None else bias
 
@@ -590,10 +596,6 @@ def sampled_sequence_loss(
 
         # The same path as `sequence_loss(softmax_loss_function=...)`: padded inputs zeroed, weighted.
         weighted = _cross_entropy.custom_cross_entropy(sampled_loss, hidden, safe_targets, token_weights, dtype)
-        active = tf.ones_like(valid) if token_weights is None else tf.not_equal(token_weights, 0)
-        weighted *= tf.where(tf.logical_or(valid, tf.logical_not(active)), tf.ones([], dtype),
-                             tf.constant(np.nan, dtype))
-        if token_weights is None:
-            token_weights = tf.ones(tf.shape(weighted), dtype)
-        return _reduce(weighted, token_weights, average_across_timesteps, average_across_batch,
-                       sum_over_timesteps, sum_over_batch, epsilon)
+        active = None if token_weights is None else tf.not_equal(token_weights, 0)
+        weighted *= _cross_entropy.nan_where_invalid(tf.ones([], dtype), valid, active)
+        return reduce_tokens(weighted, token_weights, options)

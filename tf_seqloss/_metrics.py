@@ -35,6 +35,7 @@ import tensorflow as tf
 from tf_seqloss import _checks, _keras
 from tf_seqloss._keras import IS_KERAS_3, keras
 from tf_seqloss._keras_loss import standardize_targets
+from tf_seqloss._options import LossOptions
 from tf_seqloss._sequence_loss import token_losses
 
 
@@ -59,6 +60,7 @@ class _TokenMetric(keras.metrics.Metric):
         dtype = _checks.accumulator_dtype(dtype, type(self).__name__)
         super().__init__(name=name, dtype=dtype, **kwargs)
         self.padding_id = _checks.check_padding_id(padding_id)
+        self._options = LossOptions(padding_id=self.padding_id)  # built here, never inside a traced step
         self.total = self._sum_variable("total")
         self.count = self._sum_variable("count")
         self._unmarked_padding = _PaddingProbe()
@@ -78,8 +80,8 @@ class _TokenMetric(keras.metrics.Metric):
         ragged = isinstance(y_pred, tf.RaggedTensor) or isinstance(y_true, tf.RaggedTensor)
         logits = y_pred if isinstance(y_pred, tf.RaggedTensor) else tf.convert_to_tensor(y_pred)
         mask = _keras.get_mask(y_pred)
-        tokens = token_losses(logits, standardize_targets(y_true, logits), sample_weight=sample_weight,
-                              padding_id=self.padding_id, mask=mask)
+        tokens = token_losses(logits, standardize_targets(y_true, logits), self._options,
+                              sample_weight=sample_weight, mask=mask)
         values = self._weighted_values(tokens)
         self.total.assign_add(tf.cast(tf.reduce_sum(values), self.dtype))
         self.count.assign_add(tf.cast(tf.reduce_sum(tokens.weights), self.dtype))

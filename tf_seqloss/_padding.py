@@ -149,6 +149,11 @@ def token_weights(
     return result
 
 
+def ones_if_none(token_weights: Optional[tf.Tensor], like: tf.Tensor) -> tf.Tensor:
+    """Returns `token_weights`, or the all-ones weights it stands for when None (shape and dtype of `like`)."""
+    return tf.ones(tf.shape(like), like.dtype) if token_weights is None else token_weights
+
+
 def _check_batch_time(reference, reference_arg, x, arg):
     _checks.check_same_dim(reference, reference_arg, 0, x, arg, 0, "batch")
     _checks.check_same_dim(reference, reference_arg, 1, x, arg, 1, "time")

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable, NamedTuple, Optional, Union
 
 import tensorflow as tf
 from tensorflow.types.experimental import TensorLike
 
-from tf_seqloss import _checks, _cross_entropy, _distribute
-from tf_seqloss import _padding
+from tf_seqloss import _checks, _cross_entropy, _padding
+from tf_seqloss._options import LossOptions, reduce_tokens
 
 _LAYOUT_LOGITS = "[batch, time, classes]"
 _LAYOUT_TARGETS = "[batch, time] class ids, or [batch, time, classes] probabilities"
+# The clipping bound of probabilities (`from_logits=False`): Keras' default `keras.backend.epsilon()`.
+_PROBABILITY_EPSILON = 1e-7
 
 
 # The package is graph-safe Python (tf.cond, tf.where, static checks), so AutoGraph has nothing to
@@ -38,6 +39,7 @@ def sequence_loss(
     implementation: str = "auto",
     normalizer: Optional[Union[str, float, TensorLike]] = None,
     z_loss: float = 0.0,
+    from_logits: bool = True,
 ) -> tf.Tensor:
     """Returns the weighted cross-entropy of a batch of sequences, reduced as the flags say.
 
@@ -120,7 +122,12 @@ def sequence_loss(
             a constant for differentiation.
         z_loss: keyword-only. PaLM's auxiliary loss: adds `z_loss * logsumexp(logits)**2` to every token's
             loss, weighted like it, which keeps the softmax normaliser near 1. A Python or NumPy number
-            in `[0, inf)`; 0 (default) adds nothing. Not allowed with `softmax_loss_function`.
+            in `[0, inf)`; 0 (default) adds nothing. Not allowed with `softmax_loss_function` or
+            `from_logits=False`.
+        from_logits: keyword-only. True (default): `logits` are logits. False: they are probabilities (a
+            softmax's output), as Keras' cross-entropies take them with `from_logits=False`: clipped to
+            `[1e-7, 1 - 1e-7]` (class ids) or divided by their row sum and clipped (probability targets),
+            then their log is taken. Not allowed with `softmax_loss_function` or `z_loss`.
 
     `weights`, `lengths` and `padding_id` combine: the effective weight of a token is `weights` where
     `sequence_mask(lengths)` is true and the target is not `padding_id`, and exactly 0 elsewhere.
@@ -162,40 +169,27 @@ def sequence_loss(
     >>> float(tf_seqloss.sequence_loss(logits, targets, lengths=[3, 1]))  # log(5)
     1.609437...
     """
-    label_smoothing, padding_id, normalizer = check_options(
+    options = LossOptions(
         average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
-        softmax_loss_function, padding_id, label_smoothing, epsilon, implementation, normalizer=normalizer)
-    z_loss = _checks.check_z_loss(z_loss)
-    if softmax_loss_function is not None and z_loss:
-        raise ValueError("`z_loss` cannot be combined with `softmax_loss_function`: add it inside your function. "
-                         f"Received: z_loss={z_loss}")
+        label_smoothing=label_smoothing, z_loss=z_loss, normalizer=normalizer, epsilon=epsilon,
+        padding_id=padding_id, from_logits=from_logits, softmax_loss_function=softmax_loss_function,
+        implementation=implementation)
     with tf.name_scope(name or "sequence_loss"):
-        return compute_sequence_loss(
-            logits, targets, weights=weights, lengths=lengths, padding_id=padding_id,
-            average_across_timesteps=average_across_timesteps, average_across_batch=average_across_batch,
-            sum_over_timesteps=sum_over_timesteps, sum_over_batch=sum_over_batch,
-            softmax_loss_function=softmax_loss_function, label_smoothing=label_smoothing, epsilon=epsilon,
-            implementation=implementation, normalizer=normalizer, z_loss=z_loss)
+        return compute_sequence_loss(logits, targets, options, weights=weights, lengths=lengths)
 
 
 @tf.autograph.experimental.do_not_convert
-def compute_sequence_loss(logits, targets, *, weights=None, sample_weight=None, lengths=None, padding_id=None,
-                          mask=None, average_across_timesteps=True, average_across_batch=True,
-                          sum_over_timesteps=False, sum_over_batch=False, softmax_loss_function=None,
-                          label_smoothing=0.0, epsilon=None, implementation="auto", normalizer=None,
-                          z_loss=0.0, from_logits=True, probability_epsilon=1e-7):
-    """`sequence_loss` on options `check_options` has passed, also taking Keras' `sample_weight` and mask.
+def compute_sequence_loss(logits, targets, options: LossOptions, *, weights=None, sample_weight=None, lengths=None,
+                          mask=None, probability_epsilon=_PROBABILITY_EPSILON):
+    """`sequence_loss` with checked `options`, also taking Keras' `sample_weight` and mask.
 
     The path every public face of the loss takes (the function, `SequenceLoss`, `SequenceLossLayer`):
-    inputs are checked, every padding route becomes one set of token weights (`weights.token_weights`),
-    `cross_entropy` weighs the per-token loss, and the flags reduce it.
+    inputs are checked, every padding route becomes one set of token weights (`_padding.token_weights`),
+    `_cross_entropy` weighs the per-token loss, and `_options.reduce_tokens` reduces it as the flags say.
     """
-    tokens = token_losses(logits, targets, weights=weights, sample_weight=sample_weight, lengths=lengths,
-                          padding_id=padding_id, mask=mask, softmax_loss_function=softmax_loss_function,
-                          label_smoothing=label_smoothing, implementation=implementation, z_loss=z_loss,
-                          from_logits=from_logits, probability_epsilon=probability_epsilon)
-    return _reduce(tokens.weighted, tokens.weights, average_across_timesteps, average_across_batch,
-                   sum_over_timesteps, sum_over_batch, epsilon, normalizer)
+    tokens = token_losses(logits, targets, options, weights=weights, sample_weight=sample_weight,
+                          lengths=lengths, mask=mask, probability_epsilon=probability_epsilon)
+    return reduce_tokens(tokens.weighted, tokens.weights, options)
 
 
 class TokenLosses(NamedTuple):
@@ -207,16 +201,13 @@ class TokenLosses(NamedTuple):
     targets: tf.Tensor
 
 
-def token_losses(logits, targets, *, weights=None, sample_weight=None, lengths=None, padding_id=None, mask=None,
-                 softmax_loss_function=None, label_smoothing=0.0, implementation="auto",
-                 z_loss=0.0, from_logits=True, probability_epsilon=1e-7) -> TokenLosses:
+def token_losses(logits, targets, options: LossOptions, *, weights=None, sample_weight=None, lengths=None,
+                 mask=None, probability_epsilon=_PROBABILITY_EPSILON) -> TokenLosses:
     """Returns the `[batch, time]` weighted token losses `w * ce` and the token weights `w` (also the metrics').
 
-    `from_logits=False` (the Keras faces only) takes `logits` as probabilities, as Keras' cross-entropies
-    do with `from_logits=False`, clipped to `[probability_epsilon, 1 - probability_epsilon]`.
+    With `options.from_logits` False, `logits` are probabilities, as Keras' cross-entropies take them with
+    `from_logits=False`, clipped to `[probability_epsilon, 1 - probability_epsilon]`.
     """
-    if not from_logits and (softmax_loss_function is not None or not _checks.is_zero(z_loss)):
-        raise ValueError("`from_logits=False` cannot be combined with `softmax_loss_function` or `z_loss`.")
     ragged = _padding.densify_ragged(logits, targets, weights)
     logits = tf.convert_to_tensor(ragged.logits, name="logits")
     targets = tf.convert_to_tensor(ragged.targets, name="targets")
@@ -225,6 +216,7 @@ def token_losses(logits, targets, *, weights=None, sample_weight=None, lengths=N
     dense = _checks.check_rank(targets, "targets", (2, 3), _LAYOUT_TARGETS) == 3
     _checks.check_same_dim(logits, "logits", 0, targets, "targets", 0, "batch")
     _checks.check_same_dim(logits, "logits", 1, targets, "targets", 1, "time")
+    padding_id = options.padding_id
     if dense:
         _checks.check_floating(targets, "targets")
         _checks.check_same_dim(logits, "logits", 2, targets, "targets", 2, "classes")
@@ -245,107 +237,22 @@ def token_losses(logits, targets, *, weights=None, sample_weight=None, lengths=N
         logits, targets, dtype=dtype, weights=ragged.weights, sample_weight=sample_weight, lengths=lengths,
         padding_id=padding_id, mask=mask)
 
-    if softmax_loss_function is not None:
-        _check_custom_loss(softmax_loss_function)
-        weighted = _cross_entropy.custom_cross_entropy(softmax_loss_function, logits, targets, token_weights, dtype)
-    elif not from_logits and dense:
+    label_smoothing, implementation = options.label_smoothing, options.implementation
+    if options.softmax_loss_function is not None:
+        weighted = _cross_entropy.custom_cross_entropy(
+            options.softmax_loss_function, logits, targets, token_weights, dtype)
+    elif not options.from_logits and dense:
         weighted = _cross_entropy.dense_cross_entropy_of_probabilities(
             logits, targets, token_weights, epsilon=probability_epsilon, label_smoothing=label_smoothing)
-    elif not from_logits:
+    elif not options.from_logits:
         weighted = _cross_entropy.sparse_cross_entropy_of_probabilities(
             logits, targets, token_weights, epsilon=probability_epsilon, label_smoothing=label_smoothing,
             implementation=implementation)
     elif dense:
         weighted = _cross_entropy.dense_cross_entropy(logits, targets, token_weights,
-                                                     label_smoothing=label_smoothing, z_loss=z_loss)
+                                                     label_smoothing=label_smoothing, z_loss=options.z_loss)
     else:
         weighted = _cross_entropy.sparse_cross_entropy(logits, targets, token_weights,
                                                       label_smoothing=label_smoothing,
-                                                      implementation=implementation, z_loss=z_loss)
-    if token_weights is None:
-        token_weights = tf.ones(tf.shape(weighted), weighted.dtype)
-    return TokenLosses(weighted, token_weights, logits, targets)
-
-
-def check_options(average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
-                  softmax_loss_function, padding_id, label_smoothing, epsilon, implementation,
-                  *, allow_tensors: bool = True, normalizer=None):
-    """Raises for options `sequence_loss` cannot take; returns `(label_smoothing, padding_id, normalizer)` checked.
-
-    Shared with `SequenceLoss` and `SequenceLossLayer`, which check in their constructors (where a
-    tensor `label_smoothing` or `normalizer` cannot be saved in a config, so `allow_tensors=False`).
-    """
-    _check_flags(average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch)
-    if softmax_loss_function is not None and not callable(softmax_loss_function):
-        raise TypeError(
-            "`softmax_loss_function` must be None or a callable taking `labels=` and `logits=`. "
-            f"Received: softmax_loss_function={softmax_loss_function!r}"
-        )
-    if softmax_loss_function is not None:
-        _check_custom_loss(softmax_loss_function)  # When built, for `SequenceLoss` and the layer.
-    padding_id = _checks.check_padding_id(padding_id)
-    label_smoothing = _checks.check_label_smoothing(label_smoothing, allow_tensor=allow_tensors)
-    if softmax_loss_function is not None and not _checks.is_zero(label_smoothing):
-        raise ValueError(
-            "`label_smoothing` cannot be combined with `softmax_loss_function`: smooth the labels inside "
-            f"your function instead. Received: label_smoothing={label_smoothing}"
-        )
-    _checks.check_epsilon(epsilon)
-    _cross_entropy.check_implementation(implementation)
-    normalizer = _distribute.check_normalizer(
-        normalizer, allow_tensor=allow_tensors,
-        scalar=(average_across_timesteps and average_across_batch) or (sum_over_timesteps and sum_over_batch))
-    return label_smoothing, padding_id, normalizer
-
-
-def _check_flags(average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch):
-    flags = dict(average_across_timesteps=average_across_timesteps, average_across_batch=average_across_batch,
-                 sum_over_timesteps=sum_over_timesteps, sum_over_batch=sum_over_batch)
-    for flag, value in flags.items():
-        if not isinstance(value, bool) and type(value).__name__ != "bool_":
-            raise TypeError(f"`{flag}` must be a Python bool. Received: {flag}={value!r}")
-    for average, total in (("average_across_timesteps", "sum_over_timesteps"),
-                           ("average_across_batch", "sum_over_batch"),
-                           ("average_across_batch", "sum_over_timesteps"),
-                           ("average_across_timesteps", "sum_over_batch")):
-        if flags[average] and flags[total]:
-            raise ValueError(
-                f"`{average}` and `{total}` cannot both be True: the `average_across_*` flags divide by "
-                "the summed weights and the `sum_over_*` flags by the count of non-zero weights, and one "
-                "loss cannot do both. Set one family of flags only."
-            )
-
-
-def _check_custom_loss(softmax_loss_function):
-    try:
-        inspect.signature(softmax_loss_function).bind(labels=None, logits=None)
-    except TypeError as err:
-        raise TypeError(
-            "`softmax_loss_function` is called as `softmax_loss_function(labels=..., logits=...)` with "
-            "flattened `[batch * time]` labels and `[batch * time, classes]` logits, and must return "
-            f"`[batch * time]` losses; {softmax_loss_function!r} cannot take those keywords ({err}). "
-            "For `tf.nn.sampled_softmax_loss`, which takes hidden states rather than logits, use "
-            "`tf_seqloss.sampled_sequence_loss(hidden, kernel, targets, weights, num_sampled=...)`, with "
-            "the same flags and padding options. Wrap any other function so that it takes `labels=` and "
-            "`logits=`."
-        ) from None
-    except ValueError:
-        pass  # No signature to inspect (some builtins): let the call itself decide.
-
-
-def _reduce(weighted, token_weights, average_across_timesteps, average_across_batch,
-            sum_over_timesteps, sum_over_batch, epsilon, normalizer=None):
-    axes = [axis for axis, on in ((0, average_across_batch or sum_over_batch),
-                                  (1, average_across_timesteps or sum_over_timesteps)) if on]
-    if not axes:
-        return weighted
-    total = tf.reduce_sum(weighted, axis=axes)
-    if average_across_timesteps or average_across_batch:
-        normaliser = tf.reduce_sum(token_weights, axis=axes)
-    else:
-        normaliser = tf.math.count_nonzero(token_weights, axis=axes, dtype=weighted.dtype)
-    if normalizer is not None:
-        return _distribute.normalise(total, normaliser, normalizer, epsilon)
-    if epsilon is None:
-        return tf.math.divide_no_nan(total, normaliser)
-    return total / (normaliser + _checks.cast_number(epsilon, normaliser.dtype))
+                                                      implementation=implementation, z_loss=options.z_loss)
+    return TokenLosses(weighted, _padding.ones_if_none(token_weights, weighted), logits, targets)
