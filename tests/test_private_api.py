@@ -13,8 +13,8 @@ import tensorflow as tf
 import tf_seqloss
 from tests import reference
 from tests.child import run_script
-from tf_seqloss import _fused, _keras, _linear_head
 from tf_seqloss import _cross_entropy as _xent
+from tf_seqloss import _fused, _keras, _linear_head
 
 # --- every private import failing at once, in a fresh process, under XLA -------------------------------
 
