@@ -181,7 +181,7 @@ class SequenceLoss(keras.losses.Loss):
         # tf_keras has no such reduction, and the `sum_over_*` and single-axis flags need the weights
         # inside their reduction. So this keeps the base contract (same signature, masks, `reduction`,
         # replica scaling) and hands the weights to the sequence loss itself.
-        return self._reduced_loss(y_true, y_pred, sample_weight, scale_for_replicas=True)
+        return reduced_loss(self, y_true, y_pred, sample_weight, scale_for_replicas=True)
 
     @tf.autograph.experimental.do_not_convert
     def call(self, y_true: TensorLike, y_pred: TensorLike) -> tf.Tensor:
@@ -251,21 +251,23 @@ class SequenceLoss(keras.losses.Loss):
             "logits (drop the final softmax), or set `from_logits=False`. (Shown once per loss object.)",
             UserWarning, stacklevel=4)
 
-    @tf.autograph.experimental.do_not_convert
-    def _reduced_loss(self, y_true, y_pred, sample_weight, *, lengths=None, mask=None,
-                      scale_for_replicas: bool, owner: str = "SequenceLoss"):
-        """Returns the loss reduced by `reduction`; `scale_for_replicas=False` for `add_loss`, which Keras scales."""
-        with tf.name_scope(self._scope_name()):
-            loss = self._weighted_loss(y_true, y_pred, sample_weight, lengths=lengths, mask=mask, owner=owner)
-            if not scale_for_replicas:  # for a layer's `add_loss`
-                return for_add_loss(loss, self._options, self.reduction)
-            loss = reduce_for_keras(loss, self.reduction)
-            if self.normalizer is not None:
-                # A share of the global mean already; tf_keras' `compile` divides a mean by the replicas.
-                if not IS_KERAS_3 and self.reduction in _keras.MEAN_REDUCTIONS:
-                    loss = _distribute.undo_replica_scaling(loss)
-                return loss
-            return _keras.scale_for_replicas(loss, self.reduction)
+
+@tf.autograph.experimental.do_not_convert
+def reduced_loss(loss: SequenceLoss, y_true, y_pred, sample_weight, *, lengths=None, mask=None,
+                 scale_for_replicas: bool, owner: str = "SequenceLoss") -> tf.Tensor:
+    """Returns `loss`'s value reduced by its `reduction`: what `SequenceLoss.__call__` and
+    `SequenceLossLayer.call` both return. `scale_for_replicas=False` for `add_loss`, which Keras scales."""
+    with tf.name_scope(loss._scope_name()):
+        value = loss._weighted_loss(y_true, y_pred, sample_weight, lengths=lengths, mask=mask, owner=owner)
+        if not scale_for_replicas:  # for a layer's `add_loss`
+            return for_add_loss(value, loss._options, loss.reduction)
+        value = reduce_for_keras(value, loss.reduction)
+        if loss.normalizer is not None:
+            # A share of the global mean already; tf_keras' `compile` divides a mean by the replicas.
+            if not IS_KERAS_3 and loss.reduction in _keras.MEAN_REDUCTIONS:
+                value = _distribute.undo_replica_scaling(value)
+            return value
+        return _keras.scale_for_replicas(value, loss.reduction)
 
 
 # Rows of an eager `y_pred` judged by `_rows_look_like_probabilities`: a bounded, one-off cost.

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from tf_seqloss import _checks, _distribute, _keras, _linear_head
 from tf_seqloss._keras import keras
-from tf_seqloss._keras_loss import SequenceLoss
+from tf_seqloss._keras_loss import SequenceLoss, reduced_loss
 from tf_seqloss._options import FIELDS, FLAGS, LossOptions, expose, for_add_loss, refuse
 
 
@@ -162,8 +162,8 @@ class SequenceLossLayer(keras.layers.Layer):
     def call(self, logits, targets, weights=None, lengths=None, mask=None):
         _warn_about_logged_global_loss(self)
         # Both Kerases divide `add_loss` losses by the number of replicas themselves.
-        self.add_loss(self._sequence_loss._reduced_loss(
-            targets, logits, weights, lengths=lengths, mask=mask, scale_for_replicas=False,
+        self.add_loss(reduced_loss(
+            self._sequence_loss, targets, logits, weights, lengths=lengths, mask=mask, scale_for_replicas=False,
             owner="SequenceLossLayer"))
         return logits
 
