@@ -4,7 +4,10 @@
 # Progress streams as the suites go: pytest's progress lines prefixed by the flavour, and every
 # $TF_SEQLOSS_PROGRESS_SECONDS seconds (default 30) a line counting the tests each suite has run.
 # At the end come both full results, each closing with pytest's summary line; the exit status is
-# non-zero if either suite failed. Arguments are passed on to pytest.
+# non-zero if either suite failed. Arguments are passed on to pytest, after `-m "not slow"`: the tests marked
+# `slow` (end-to-end runs of the example, SIGKILL runs, multi-worker; see tests/conftest.py) are left out
+# unless a `-m` of the caller's replaces it, e.g. `bash scripts/test.sh -m slow` (only them, as CI runs them
+# next) or `-m "slow or not slow"` (everything).
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 every="${TF_SEQLOSS_PROGRESS_SECONDS:-30}"
 logs="$(mktemp -d)"
@@ -25,7 +28,7 @@ class KeepSummary:
 
 sys.exit(pytest.main(sys.argv[1:], plugins=[KeepSummary()]))
 '
-pytest=("$venv/bin/python" -u -c "$keep_summary" -q -p no:cacheprovider -o console_output_style=count "$@")
+pytest=("$venv/bin/python" -u -c "$keep_summary" -q -p no:cacheprovider -o console_output_style=count -m "not slow" "$@")
 
 # `-u`: unbuffered, so that the logs follow the tests. The Keras 3 suite must not inherit a
 # TF_USE_LEGACY_KERAS from the caller's environment.

@@ -62,6 +62,7 @@ def test_function_matches_recorded_tfa_loss_and_gradient(index):
     np.testing.assert_allclose(tape.gradient(total, logits).numpy(), case["grad"], **tol)
 
 
+@pytest.mark.keras
 @pytest.mark.parametrize("index", range(TFA_CASES))
 def test_class_default_matches_recorded_tfa_class(index):
     _, _, case = _cases()[index]
@@ -69,6 +70,7 @@ def test_class_default_matches_recorded_tfa_class(index):
     np.testing.assert_allclose(loss.numpy(), case["class_default_loss"], **_tolerance(case["logits"].dtype))
 
 
+@pytest.mark.keras
 @pytest.mark.parametrize("flags", LEGAL_FLAGS, ids=lambda f: "-".join(k for k, v in f.items() if v) or "none")
 def test_class_returns_what_the_flags_leave_unreduced_traced(flags):
     rng = np.random.default_rng(3)
@@ -82,6 +84,7 @@ def test_class_returns_what_the_flags_leave_unreduced_traced(flags):
     np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.keras
 def test_class_defaults_are_tfa_class_defaults_and_function_defaults_are_the_averages():
     loss = tfa.SequenceLoss()
     assert (loss.average_across_timesteps, loss.average_across_batch, loss.sum_over_timesteps,
@@ -126,17 +129,20 @@ def test_bad_ranks_raise_tfa_messages(argument, value, start):
     assert str(raised.value).startswith(start)
 
 
+@pytest.mark.keras
 def test_class_checks_flags_when_called_as_tfa_did():
     loss = tfa.SequenceLoss(average_across_batch=True, sum_over_timesteps=True, sum_over_batch=False)
     with pytest.raises(ValueError, match="because of ambiguous order"):
         loss(_DATA[1], _DATA[0], _DATA[2])
 
 
+@pytest.mark.keras
 def test_class_rejects_non_bool_flag_naming_it():
     with pytest.raises(TypeError, match=r"`sum_over_batch` must be a bool. Received: sum_over_batch=1"):
         tfa.SequenceLoss(sum_over_batch=1)
 
 
+@pytest.mark.keras
 def test_missing_weights_mean_all_ones_where_tfa_crashed():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(2, 3, 4)).astype("float32")
@@ -145,6 +151,7 @@ def test_missing_weights_mean_all_ones_where_tfa_crashed():
                                tfa.sequence_loss(logits, targets, np.ones([2, 3], "float32")).numpy())
 
 
+@pytest.mark.keras
 def test_config_round_trip():
     loss = tfa.SequenceLoss(sum_over_batch=False, name="seq")
     restored = tfa.SequenceLoss.from_config(loss.get_config())
@@ -162,6 +169,7 @@ def _constant_logits_model(logits):
     return tf.keras.Model(inputs, outputs)
 
 
+@pytest.mark.keras
 @pytest.mark.parametrize("dense_targets", [False, True], ids=["ids", "one_hot"])
 def test_compile_reports_tfa_class_default_loss(dense_targets):
     rng = np.random.default_rng(2)
@@ -176,6 +184,7 @@ def test_compile_reports_tfa_class_default_loss(dense_targets):
     np.testing.assert_allclose(history.history["loss"][0], expected, rtol=1e-5)
 
 
+@pytest.mark.keras
 def test_a_non_scalar_loss_in_compile_is_reported_as_its_mean_under_either_keras():
     from tf_seqloss._keras import keras
 

@@ -212,6 +212,7 @@ def interrupted_run(request, tmp_path_factory):
                 interruption=interruption.value)
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_keeps_its_finished_epochs(interrupted_run):
     assert [row["epoch"] for row in interrupted_run["history_at_interruption"]] == ["1"]
     restored = interrupted_run["restored"]
@@ -220,6 +221,7 @@ def test_an_interrupted_run_keeps_its_finished_epochs(interrupted_run):
         np.testing.assert_array_equal(weight.numpy(), interrupted_run["end_of_first_epoch"][f"{i}:{weight.name}"])
 
 
+@pytest.mark.slow
 def test_a_resumed_run_trains_only_the_missing_epochs_and_learns(interrupted_run):
     finished = interrupted_run["finished"]
     assert finished.resumed_from_epoch == 1
@@ -237,6 +239,7 @@ def test_a_resumed_run_trains_only_the_missing_epochs_and_learns(interrupted_run
     assert finished.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_an_interruption_says_where_it_stopped_and_what_is_saved(interrupted_run):
     interruption, config = interrupted_run["interruption"], interrupted_run["config"]
     assert isinstance(interruption, train.TrainingInterrupted)
@@ -248,6 +251,7 @@ def test_an_interruption_says_where_it_stopped_and_what_is_saved(interrupted_run
     assert interrupted_run["restored"].state.manager.latest_checkpoint == str(checkpoint)
 
 
+@pytest.mark.slow
 def test_a_finished_run_saves_models_that_decode_as_it_does(interrupted_run):
     finished = interrupted_run["finished"]
     if interrupted_run["config"].route != "fit":
@@ -300,6 +304,7 @@ def snapshot(folder):
             for path in sorted(folder.rglob("*"))}
 
 
+@pytest.mark.slow
 def test_decode_restores_and_decodes_and_writes_nothing(tmp_path, capsys):
     trained = train.main(tiny_args(tmp_path))
     # Every modification time set to one in the past: a rewrite, even of the same bytes, sets it to now,
@@ -364,6 +369,7 @@ def keras_file_weights(path):
     return sorted(name for name in names if not name.startswith("metrics/"))
 
 
+@pytest.mark.slow
 def test_both_keras_flavours_run_one_after_the_other_without_colliding(tmp_path, capsys):
     args = tiny_args(tmp_path)
     here = train.main(args)  # this process's flavour
@@ -399,6 +405,7 @@ def test_both_keras_flavours_run_one_after_the_other_without_colliding(tmp_path,
         train.restore_run(config)
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_where_it_stopped_and_how_to_resume_and_exits_130(tmp_path):
     args = tiny_args(tmp_path, "--epochs", "500", "--train-examples", "400", "--route", "loop", "--fresh")
     process = run_example(args, FLAVOUR, tmp_path)
@@ -439,6 +446,7 @@ def test_start_up_lines_are_silenced_and_errors_still_shown(tmp_path):
     assert not ABSL_LINE.search(err), err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("route", train.ROUTES)
 def test_fused_head_trains_by_either_route_and_reports_next_to_the_default_head(tmp_path, route, monkeypatch):
     # Both models start from the same weights (the first one built gives them to the second), so that the

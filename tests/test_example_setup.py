@@ -182,6 +182,36 @@ def test_test_sh_streams_progress_and_prints_both_results(tmp_path, extra):
     assert "AssertionError" in "\n".join(lines[tf_keras:])  # the full result, failure included
 
 
+SLOW_AND_QUICK = '''
+import pytest
+
+
+@pytest.mark.slow
+def test_slow():
+    pass
+
+
+def test_quick():
+    pass
+'''
+
+
+@pytest.mark.parametrize("args, ran", [([], {"test_quick"}), (["-m", "slow"], {"test_slow"})], ids=["default", "slow"])
+def test_test_sh_leaves_out_the_slow_tests_unless_asked_and_ci_runs_both(tmp_path, args, ran):
+    root = fake_checkout(tmp_path)
+    (root / "tests" / "test_fake.py").write_text(SLOW_AND_QUICK)
+    (root / "tests" / "conftest.py").write_text(  # as tests/conftest.py registers it
+        "def pytest_configure(config):\n    config.addinivalue_line('markers', 'slow: slow')\n")
+    done = subprocess.run(["bash", "scripts/test.sh", "tests", "-vv", *args], cwd=root, capture_output=True,
+                          text=True, timeout=300, env=script_env(TF_SEQLOSS_PROGRESS_SECONDS="3600"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = done.stdout[done.stdout.index("== Keras 3 =="):]
+    for name in ("test_quick", "test_slow"):  # under each flavour, or under neither
+        assert results.count(f"test_fake.py::{name} PASSED") == (2 if name in ran else 0), results
+    commands = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if "scripts/test.sh" in line]
+    assert [line.split("||")[0].strip() for line in commands] == ["bash scripts/test.sh", "bash scripts/test.sh -m slow"]
+
+
 # --- scripts/test_versions.sh ------------------------------------------------------------------------
 
 
@@ -284,6 +314,7 @@ def git_ignores(path):
     return result.returncode == 0
 
 
+@pytest.mark.keras
 @pytest.mark.parametrize("flavour", ["keras3", "tf_keras"])
 @pytest.mark.parametrize("route", ["fit", "loop"])
 def test_gitignore_covers_what_the_example_writes_and_keeps_what_is_committed(flavour, route):

@@ -179,6 +179,7 @@ def assert_restored_weights(run, trained):
 
 @pytest.mark.parametrize("name, point", [("config.json", "write"), ("config.json", "replace"),
                                          ("history.csv", "write")])
+@pytest.mark.slow
 def test_a_write_killed_half_way_leaves_the_previous_file_and_the_next_run_resumes(trained, tmp_path, name, point):
     config, _ = copy_of(trained, tmp_path, epochs=2)  # history.csv is written at the end of epoch 2
     kill_while_writing(config, name, point, tmp_path)

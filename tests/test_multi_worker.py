@@ -119,6 +119,7 @@ def test_reserved_ports_are_refused_to_others_and_taken_by_a_server():
                 pass
 
 
+@pytest.mark.slow
 def test_two_workers_on_loopback_take_the_single_process_full_batch_step():
     rng = np.random.default_rng(5)
     lengths = np.array([8, 7, 1, 2])   # Worker 0: 15 tokens, worker 1: 3.

@@ -1,5 +1,6 @@
 """scripts/test.sh splits the flavour-free tests between its two suites: together they run every test."""
 
+import json
 import os
 import re
 import subprocess
@@ -10,20 +11,40 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = (ROOT / "scripts" / "test.sh").read_text()
 
 
-def _collected(shard):
-    env = {key: value for key, value in os.environ.items() if key != "TF_SEQLOSS_SHARD"}
+# One child collects the suite under each setting in turn (pytest.main reads TF_SEQLOSS_SHARD anew each time):
+# one interpreter importing TensorFlow and the test modules instead of three.
+COLLECT = """
+import contextlib, io, json, os, sys
+import pytest
+
+found = []
+for shard in json.loads(sys.argv[1]):
+    os.environ.pop("TF_SEQLOSS_SHARD", None)
     if shard:
-        env["TF_SEQLOSS_SHARD"] = shard
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", "tests"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300).stdout
-    return {line for line in out.splitlines() if "::" in line}
+        os.environ["TF_SEQLOSS_SHARD"] = shard
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = pytest.main(["-q", "-p", "no:cacheprovider", "--collect-only", "tests"])
+    if code:
+        sys.exit(out.getvalue())
+    found.append(sorted(line for line in out.getvalue().splitlines() if "::" in line))
+print("COLLECTED" + json.dumps(found))
+"""
+
+
+def _collected(*shards):
+    env = {key: value for key, value in os.environ.items() if key != "TF_SEQLOSS_SHARD"}
+    out = subprocess.run([sys.executable, "-c", COLLECT, json.dumps(shards)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("COLLECTED")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    return [set(tests) for tests in json.loads(lines[-1][len("COLLECTED"):])]
 
 
 def test_the_two_suites_of_test_sh_together_run_every_test_and_flavour_free_ones_once():
     shards = re.findall(r"TF_SEQLOSS_SHARD=(\S+)", SCRIPT)
     assert len(shards) == 2, shards
-    everything = _collected(None)
-    first, second = (_collected(shard) for shard in shards)
+    everything, first, second = _collected(None, *shards)
     assert first | second == everything
     both = first & second
     assert both and all(Path(test.split("::")[0]).name not in _flavour_free() or _marked_keras(test) for test in both)
