@@ -131,9 +131,9 @@ def test_python_lists_are_accepted():
     (lambda: tf_seqloss.sequence_loss(tf.zeros([6, 4]), tf.zeros([6], tf.int32)), ValueError,
      r"`logits` must have rank 3 \(\[batch, time, classes\]\)"),
     (lambda: tf_seqloss.sequence_loss(tf.zeros([2, 3, 4]), tf.zeros([2, 3], tf.int32), padding_id=True), TypeError,
-     r"`padding_id` must be None or an integer"),
+     r"Invalid value for argument `padding_id`. Expected None or an integer"),
     (lambda: tf_seqloss.sequence_loss(tf.zeros([2, 3, 4]), tf.zeros([2, 3], tf.int32), epsilon=float("nan")),
-     ValueError, r"`epsilon` must be None or a non-negative number"),
+     ValueError, r"Invalid value for argument `epsilon`. Expected None or a non-negative number"),
     (lambda: tf_seqloss.sequence_loss(tf.zeros([2, 3, 4]), tf.zeros([2, 3], tf.int32),
                                       label_smoothing=tf.constant([0.1, 0.2])), TypeError,
      r"scalar float tensor"),
@@ -143,7 +143,7 @@ def test_python_lists_are_accepted():
                                        sample_weight=tf.ones([2, 5])), ValueError,
      r"`logits` and `sample_weight` must agree in the time dimension"),
     (lambda: tf_seqloss.SequenceLoss(label_smoothing=tf.constant(0.1)), TypeError,
-     r"`label_smoothing` must be a Python or NumPy number in \[0, 1\]"),
+     r"Invalid value for argument `label_smoothing`. Expected a Python or NumPy number in \[0, 1\]"),
 ])
 @pytest.mark.keras
 def test_wrong_inputs_fail_naming_the_argument(call, error, pattern):

@@ -53,7 +53,7 @@ def _epsilon_entry_points():
 @pytest.mark.parametrize("entry", list(_epsilon_entry_points()))
 @pytest.mark.parametrize("epsilon", [float("inf"), np.inf, float("nan"), -1.0, 1e39, -0.0 - 1e-30, "1e-12"])
 def test_epsilon_out_of_range_is_refused_naming_it(entry, epsilon):
-    with pytest.raises(ValueError, match=r"`epsilon` must be None or a non-negative number") as info:
+    with pytest.raises(ValueError, match=r"argument `epsilon`. Expected None or a non-negative number") as info:
         _epsilon_entry_points()[entry](epsilon)
     assert f"Received: epsilon={epsilon!r}" in str(info.value)
 

@@ -16,6 +16,9 @@ import pytest
 from tests import reference
 from tests.child import run_script
 
+# Several virtual devices in a child interpreter: in the slow set, which CI runs (README, Development).
+pytestmark = pytest.mark.slow
+
 SCRIPT = textwrap.dedent('''
     import json
     import numpy as np

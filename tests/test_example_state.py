@@ -324,6 +324,7 @@ def write_checkpoint_of_an_earlier_version(config):
     assert not tf.train.load_checkpoint(manager.latest_checkpoint).has_tensor("run_record/.ATTRIBUTES/VARIABLE_VALUE")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_an_earlier_version_resumes_and_says_what_cannot_be_rebuilt(trained, tmp_path):
     config, _ = copy_of(trained, tmp_path)
     write_checkpoint_of_an_earlier_version(config)
@@ -365,6 +366,7 @@ def no_space(*args):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["config.json", "history.csv"])
 def test_a_full_disk_keeps_the_previous_state_and_says_so_in_one_line(trained, tmp_path, capsys, monkeypatch, name):
     config, args = copy_of(trained, tmp_path)

@@ -372,6 +372,7 @@ def _run_benchmark(script, out, *args):
     return json.loads((out / "results.json").read_text())["rows"]
 
 
+@pytest.mark.slow
 @pytest.mark.keras
 def test_benchmark_harness_runs_end_to_end(tmp_path):
     rows = _run_benchmark("run.py", tmp_path, "--shapes", "2x3x5,2x3x9", "--modes", "eager,function",
@@ -389,6 +390,7 @@ def test_benchmark_harness_runs_end_to_end(tmp_path):
     assert "| 2x3x9 | float32 | tf_seqloss | function |" in table
 
 
+@pytest.mark.slow
 def test_xla_floor_harness_runs_end_to_end(tmp_path):
     rows = _run_benchmark("xla_floor.py", tmp_path, "--shape", "2x3x9", "--repeats", "2", "--warmup", "1")
     rows = {row["entry"]: row for row in rows}

@@ -48,6 +48,14 @@ LOSSES = {
 }
 
 
+def _keras_marked(cases):
+    """`cases` as pytest params, those of the Keras loss marked `keras` (the file is flavour-free otherwise)."""
+    name = lambda case: case[0] if isinstance(case, tuple) else case
+    return [pytest.param(*(case if isinstance(case, tuple) else (case,)),
+                         marks=[pytest.mark.keras] if name(case) == "SequenceLoss" else [])
+            for case in cases]
+
+
 def _signature(dtype=tf.float32, id_dtype=tf.int32):
     return (tf.TensorSpec([None, None, None], dtype), tf.TensorSpec([None, None], id_dtype),
             tf.TensorSpec([None], tf.int32))
@@ -69,7 +77,7 @@ def _inputs(batch, time, classes, seed=0):
             tf.constant(rng.integers(1, time + 1, size=batch).astype(np.int32)))
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", _keras_marked(sorted(LOSSES)))
 def test_eager_function_and_xla_agree_in_value_and_gradient(name):
     step = _step(LOSSES[name])
     graph = tf.function(step, input_signature=_signature())
@@ -93,7 +101,7 @@ GPU_CASES = [(name, tf.float32) for name in sorted(LOSSES)] + [
                         "softmax_cross_entropy", "sparse_softmax_cross_entropy", "SequenceLoss"))]
 
 
-@pytest.mark.parametrize("name,dtype", GPU_CASES)
+@pytest.mark.parametrize("name,dtype", _keras_marked(GPU_CASES))
 def test_every_op_of_forward_and_backward_has_a_gpu_kernel(name, dtype):
     step = tf.function(_step(LOSSES[name]))
     with on_a_machine(gpu=True):

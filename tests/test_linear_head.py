@@ -325,11 +325,11 @@ def test_errors_name_the_argument():
         tf_seqloss.linear_sequence_loss(x["hidden"], x["kernel"][1:], x["targets"])
     with pytest.raises(ValueError, match="`kernel` and `bias` must agree in the classes"):
         tf_seqloss.linear_sequence_loss(x["hidden"], x["kernel"], x["targets"], bias=x["bias"][1:])
-    with pytest.raises(ValueError, match="`chunk_size` must be None or a positive int"):
+    with pytest.raises(ValueError, match="Invalid value for argument `chunk_size`. Expected None or a positive int"):
         tf_seqloss.linear_sequence_loss(x["hidden"], x["kernel"], x["targets"], chunk_size=0)
-    with pytest.raises(ValueError, match=r"`z_loss` must be in \[0, inf\)"):
+    with pytest.raises(ValueError, match=r"Invalid value for argument `z_loss`. Expected a number in \[0, inf\)"):
         tf_seqloss.linear_sequence_loss(x["hidden"], x["kernel"], x["targets"], z_loss=-1.0)
-    with pytest.raises(TypeError, match="`z_loss` must be a Python or NumPy number"):
+    with pytest.raises(TypeError, match="Invalid value for argument `z_loss`. Expected a Python or NumPy number"):
         tf_seqloss.sequence_loss(tf.zeros([1, 2, 3]), tf.zeros([1, 2], tf.int32), z_loss=tf.constant(0.1))
     with pytest.raises(ValueError, match="`hidden` must have rank 3"):
         tf_seqloss.linear_sequence_loss(x["hidden"][0], x["kernel"], x["targets"])

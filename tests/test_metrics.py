@@ -295,6 +295,7 @@ STRATEGY_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_unmarked_padding_warning_and_exact_values_under_a_strategy():
     out = run_script(STRATEGY_SCRIPT, marker="RESULTS", timeout=240)
     logits, y, sample_weight = (np.array(out[key]) for key in ("logits", "y", "sample_weight"))

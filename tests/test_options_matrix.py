@@ -11,6 +11,7 @@ reduction, a normaliser or an epsilon. `compat.tfa` keeps TFA's semantics and is
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 import pytest
@@ -260,3 +261,20 @@ def test_the_layers_accept_the_same_reductions():
                      lambda r: tf_seqloss.FusedLinearHead(CLASSES, reduction=r)):
             with pytest.raises(ValueError, match=r"Invalid value for argument `reduction` of `\w+`. Expected one"):
                 make(reduction)
+
+
+BAD_VALUES = [  # (option, value)
+    ("average_across_batch", 1), ("sum_over_timesteps", "yes"), ("label_smoothing", 1.5), ("label_smoothing", "0.1"),
+    ("z_loss", -1.0), ("z_loss", "0.1"), ("normalizer", 0), ("normalizer", "local"), ("epsilon", -1.0),
+    ("padding_id", 0.5),
+]
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("option, value", BAD_VALUES, ids=[f"{o}={v!r}" for o, v in BAD_VALUES])
+def test_a_bad_option_value_gets_the_one_error_vocabulary_on_every_entry_point(entry, option, value):
+    """Whatever the entry point, a bad value is refused in Keras' words, naming the argument and the value."""
+    received = re.escape(f"{option}={value!r}")
+    pattern = rf"^Invalid value for argument `{option}`( of `\w+`)?\. Expected .*Received: {received}"
+    with pytest.raises((TypeError, ValueError), match=pattern):
+        run(entry, {option: value})

@@ -104,6 +104,7 @@ def _linear_reference(hidden, kernel, bias, targets, mask, **flags):
             np.einsum("btf,btc->fc", hidden, d_logits), d_logits.sum(axis=(0, 1)))
 
 
+@pytest.mark.slow
 def test_every_private_import_failing_leaves_xla_results_and_masks_exact(tmp_path):
     case = _case()
     np.savez(tmp_path / "case.npz", **case)

@@ -121,16 +121,16 @@ def test_out_of_range_id_in_the_tf1_family_makes_the_gradient_nan_too():
 def test_padding_id_that_targets_cannot_hold_is_refused(padding_id, dtype):
     logits = tf.zeros([1, 2, 3])
     targets = tf.constant([[0, 1]], dtype)
-    with pytest.raises(ValueError, match=rf"`padding_id` must be a value {dtype.name} `targets` can hold.*"
+    with pytest.raises(ValueError, match=rf"argument `padding_id`. Expected a value {dtype.name} `targets` can hold.*"
                                          rf"padding_id={padding_id}"):
         tf_seqloss.sequence_loss(logits, targets, padding_id=padding_id)
-    with pytest.raises(ValueError, match=r"`padding_id` must be a value"):
+    with pytest.raises(ValueError, match=r"Invalid value for argument `padding_id`. Expected a value"):
         tf_seqloss.SequenceLoss(padding_id=padding_id)(targets, logits)
 
 
 @pytest.mark.keras
 def test_padding_id_beyond_int64_is_refused_when_built():
-    with pytest.raises(ValueError, match=r"`padding_id` must fit in int64"):
+    with pytest.raises(ValueError, match=r"argument `padding_id`. Expected a class id that fits in int64"):
         tf_seqloss.SequenceLoss(padding_id=2**63)
 
 
@@ -205,7 +205,7 @@ def test_out_of_range_lengths_raise_in_a_plain_function():
 @pytest.mark.parametrize("value", [np.float32(1.5), np.float64(-0.1), tf.constant(1.5), float("nan"), 2])
 def test_out_of_range_label_smoothing_is_refused_in_any_number_type(value):
     logits, targets, _ = _inputs(seed=10)
-    with pytest.raises(ValueError, match=r"`label_smoothing` must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"argument `label_smoothing`. Expected a number in \[0, 1\]"):
         tf_seqloss.sequence_loss(logits, targets, label_smoothing=value)
 
 
@@ -213,9 +213,9 @@ def test_out_of_range_label_smoothing_is_refused_in_any_number_type(value):
 @pytest.mark.parametrize("value", ["0.1", True, [0.1], None])
 def test_label_smoothing_of_the_wrong_type_gets_a_type_error(value):
     logits, targets, _ = _inputs(seed=10)
-    with pytest.raises(TypeError, match=r"`label_smoothing` must be"):
+    with pytest.raises(TypeError, match=r"Invalid value for argument `label_smoothing`. Expected"):
         tf_seqloss.sequence_loss(logits, targets, label_smoothing=value)
-    with pytest.raises(TypeError, match=r"`label_smoothing` must be"):
+    with pytest.raises(TypeError, match=r"Invalid value for argument `label_smoothing`. Expected"):
         tf_seqloss.SequenceLoss(label_smoothing=value)
 
 

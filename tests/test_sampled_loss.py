@@ -109,7 +109,7 @@ def test_sampling_every_class_without_correction_is_close_to_the_full_loss():
 
 def test_errors_name_the_argument():
     x = _inputs()
-    with pytest.raises(ValueError, match="`num_sampled` must be a positive int"):
+    with pytest.raises(ValueError, match="Invalid value for argument `num_sampled`. Expected a positive int"):
         tf_seqloss.sampled_sequence_loss(x["hidden"], x["kernel"], x["targets"], num_sampled=0)
     with pytest.raises(TypeError, match="num_sampled"):
         tf_seqloss.sampled_sequence_loss(x["hidden"], x["kernel"], x["targets"])

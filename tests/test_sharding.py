@@ -18,13 +18,14 @@ import contextlib, io, json, os, sys
 import pytest
 
 found = []
-for shard in json.loads(sys.argv[1]):
+for shard, marks in json.loads(sys.argv[1]):
     os.environ.pop("TF_SEQLOSS_SHARD", None)
     if shard:
         os.environ["TF_SEQLOSS_SHARD"] = shard
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = pytest.main(["-q", "-p", "no:cacheprovider", "--collect-only", "tests"])
+        code = pytest.main(["-q", "-p", "no:cacheprovider", "--collect-only", "tests"]
+                           + (["-m", marks] if marks else []))
     if code:
         sys.exit(out.getvalue())
     found.append(sorted(line for line in out.getvalue().splitlines() if "::" in line))
@@ -32,9 +33,12 @@ print("COLLECTED" + json.dumps(found))
 """
 
 
-def _collected(*shards):
+def _collected(*shards, marks=None):
+    """The test ids collected under each TF_SEQLOSS_SHARD of `shards` (None: unset), then, if `marks` is
+    given, those selected by that marker expression (`-m`) with the variable unset."""
     env = {key: value for key, value in os.environ.items() if key != "TF_SEQLOSS_SHARD"}
-    out = subprocess.run([sys.executable, "-c", COLLECT, json.dumps(shards)], cwd=ROOT, env=env, capture_output=True,
+    runs = [(shard, None) for shard in shards] + ([(None, marks)] if marks else [])
+    out = subprocess.run([sys.executable, "-c", COLLECT, json.dumps(runs)], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     lines = [line for line in out.stdout.splitlines() if line.startswith("COLLECTED")]
     assert out.returncode == 0 and lines, out.stderr[-3000:]
@@ -44,20 +48,14 @@ def _collected(*shards):
 def test_the_two_suites_of_test_sh_together_run_every_test_and_flavour_free_ones_once():
     shards = re.findall(r"TF_SEQLOSS_SHARD=(\S+)", SCRIPT)
     assert len(shards) == 2, shards
-    everything, first, second = _collected(None, *shards)
+    everything, first, second, keras = _collected(None, *shards, marks="keras")
     assert first | second == everything
     both = first & second
-    assert both and all(Path(test.split("::")[0]).name not in _flavour_free() or _marked_keras(test) for test in both)
+    # Tests run by both suites in a flavour-free file must be the ones marked `keras` (as pytest sees the marks,
+    # whether on the function or on one of its parameters).
+    assert both and all(Path(test.split("::")[0]).name not in _flavour_free() or test in keras for test in both)
 
 
 def _flavour_free():
     from tests.conftest import FLAVOUR_FREE_FILES
     return FLAVOUR_FREE_FILES
-
-
-def _marked_keras(test):
-    # Tests run by both suites in a flavour-free file must be the ones marked `keras`.
-    path, name = test.split("::", 1)
-    source = (ROOT / path).read_text()
-    function = name.split("[")[0]
-    return re.search(rf"@pytest\.mark\.keras\n(?:@[^\n]*\n(?:[ \t][^\n]*\n)*)*def {re.escape(function)}\(", source)

@@ -108,6 +108,7 @@ def _run_python(path, cwd):
                           timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.keras
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_rewritten_script_prints_the_recorded_loss(script, tmp_path):

@@ -109,6 +109,16 @@ def is_real_number(value) -> bool:
         np.ndim(value) == 0
 
 
+def invalid_value(arg: str, expected: str, received: str, *, owner: Optional[str] = None) -> str:
+    """Returns the package's one message for a bad argument value, in Keras' words.
+
+    `Invalid value for argument `arg` [of `owner`]. Expected <expected>. Received: arg=<received>`: every
+    option check says what was expected and what was received the same way.
+    """
+    where = f" of `{owner}`" if owner else ""
+    return f"Invalid value for argument `{arg}`{where}. Expected {expected}. Received: {arg}={received}"
+
+
 def check_label_smoothing(label_smoothing, *, allow_tensor: bool = True):
     """Returns `label_smoothing` checked to lie in `[0, 1]`: a float, or a scalar float tensor.
 
@@ -117,10 +127,8 @@ def check_label_smoothing(label_smoothing, *, allow_tensor: bool = True):
     NaN where it is out of range, so the loss is NaN rather than silently wrong.
     """
     def out_of_range(value):
-        return ValueError(
-            "`label_smoothing` must be in [0, 1]: the probability mass spread over all classes. "
-            f"Received: label_smoothing={value!r}"
-        )
+        return ValueError(invalid_value(
+            "label_smoothing", "a number in [0, 1] (the probability mass spread over all classes)", repr(value)))
 
     if is_real_number(label_smoothing):
         value = float(label_smoothing)
@@ -129,15 +137,13 @@ def check_label_smoothing(label_smoothing, *, allow_tensor: bool = True):
         return value
     if not allow_tensor or not tf.is_tensor(label_smoothing):
         kinds = "a Python or NumPy number" + (" or a scalar float tensor" if allow_tensor else "")
-        raise TypeError(
-            f"`label_smoothing` must be {kinds} in [0, 1]. "
-            f"Received: label_smoothing={label_smoothing!r} of type {type(label_smoothing).__name__}"
-        )
+        raise TypeError(invalid_value(
+            "label_smoothing", f"{kinds} in [0, 1]",
+            f"{label_smoothing!r} of type {type(label_smoothing).__name__}"))
     if not label_smoothing.dtype.is_floating or label_smoothing.shape.rank != 0:
-        raise TypeError(
-            "`label_smoothing` must be a scalar float tensor when given as a tensor. "
-            f"Received: dtype={label_smoothing.dtype.name}, shape={label_smoothing.shape}"
-        )
+        raise TypeError(invalid_value(
+            "label_smoothing", "a scalar float tensor when given as a tensor",
+            f"a tensor of dtype {label_smoothing.dtype.name} and shape {label_smoothing.shape}"))
     static = tf.get_static_value(label_smoothing)
     if static is not None:
         if not 0.0 <= float(static) <= 1.0:
@@ -153,24 +159,22 @@ def check_padding_id(padding_id) -> Optional[int]:
     if padding_id is None:
         return None
     if isinstance(padding_id, (bool, np.bool_)) or not isinstance(padding_id, (numbers.Integral, np.integer)):
-        raise TypeError(
-            "`padding_id` must be None or an integer class id (Python or NumPy int). "
-            f"Received: padding_id={padding_id!r} of type {type(padding_id).__name__}"
-        )
+        raise TypeError(invalid_value(
+            "padding_id", "None or an integer class id (Python or NumPy int)",
+            f"{padding_id!r} of type {type(padding_id).__name__}"))
     padding_id = int(padding_id)
     if not np.iinfo(np.int64).min <= padding_id <= np.iinfo(np.int64).max:
-        raise ValueError(f"`padding_id` must fit in int64. Received: padding_id={padding_id}")
+        raise ValueError(invalid_value("padding_id", "a class id that fits in int64", str(padding_id)))
     return padding_id
 
 
 def check_padding_id_fits(padding_id: int, targets_dtype: tf.DType) -> None:
     """Raises if `padding_id` cannot occur in targets of `targets_dtype` (it would otherwise wrap on a cast)."""
     if not targets_dtype.min <= padding_id <= targets_dtype.max:
-        raise ValueError(
-            f"`padding_id` must be a value {targets_dtype.name} `targets` can hold, in "
-            f"[{targets_dtype.min}, {targets_dtype.max}]: no target can equal it, so it would mask nothing. "
-            f"Received: padding_id={padding_id} with targets.dtype={targets_dtype.name}"
-        )
+        raise ValueError(invalid_value(
+            "padding_id", f"a value {targets_dtype.name} `targets` can hold, in [{targets_dtype.min}, "
+            f"{targets_dtype.max}] (no target could equal it, so it would mask nothing)",
+            f"{padding_id} with targets.dtype={targets_dtype.name}"))
 
 
 def is_zero(value) -> bool:
@@ -188,12 +192,12 @@ def cast_number(value, dtype: tf.DType) -> tf.Tensor:
 def check_z_loss(z_loss) -> float:
     """Returns `z_loss` as a float after checking it is a Python or NumPy number in `[0, inf)`."""
     if not is_real_number(z_loss):
-        raise TypeError(
-            "`z_loss` must be a Python or NumPy number in [0, inf): the weight of `logsumexp(logits)**2`. "
-            f"Received: z_loss={z_loss!r} of type {type(z_loss).__name__}")
+        raise TypeError(invalid_value(
+            "z_loss", "a Python or NumPy number in [0, inf) (the weight of `logsumexp(logits)**2`)",
+            f"{z_loss!r} of type {type(z_loss).__name__}"))
     value = float(z_loss)
     if not 0.0 <= value < np.inf:  # NaN fails too
-        raise ValueError(f"`z_loss` must be in [0, inf). Received: z_loss={z_loss!r}")
+        raise ValueError(invalid_value("z_loss", "a number in [0, inf)", repr(z_loss)))
     return value
 
 
@@ -206,11 +210,9 @@ def check_epsilon(epsilon) -> None:
     if epsilon is None:
         return
     if not (is_real_number(epsilon) and 0.0 <= float(epsilon) <= _FLOAT32_MAX):  # NaN fails too
-        raise ValueError(
-            "`epsilon` must be None or a non-negative number, finite in float32 (at most "
-            f"{_FLOAT32_MAX:.4g}): the loss divides by `normaliser + epsilon`, so an infinite one makes every "
-            f"loss 0. Received: epsilon={epsilon!r}"
-        )
+        raise ValueError(invalid_value(
+            "epsilon", f"None or a non-negative number, finite in float32 (at most {_FLOAT32_MAX:.4g}; the "
+            "loss divides by `normaliser + epsilon`, so an infinite one makes every loss 0)", repr(epsilon)))
 
 
 def dtype_policy(dtype, owner: str, *, floating: bool = False):

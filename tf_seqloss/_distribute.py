@@ -23,6 +23,7 @@ import tensorflow as tf
 from tf_seqloss import _checks
 
 GLOBAL = "global"
+_EXPECTED = "None, 'global' or a positive token count (a number or a scalar tensor)"
 
 
 def check_normalizer(normalizer, *, scalar: bool, allow_tensor: bool = True):
@@ -35,21 +36,19 @@ def check_normalizer(normalizer, *, scalar: bool, allow_tensor: bool = True):
         return None
     if isinstance(normalizer, str):
         if normalizer != GLOBAL:
-            raise ValueError(
-                "`normalizer` must be None, 'global' or a positive token count (a number or a scalar tensor). "
-                f"Received: normalizer={normalizer!r}")
+            raise ValueError(_checks.invalid_value("normalizer", _EXPECTED, repr(normalizer)))
     elif isinstance(normalizer, (tf.Tensor, tf.Variable, np.ndarray)) and not isinstance(normalizer, np.generic):
         if not allow_tensor:
-            raise TypeError(
-                "`normalizer` of a Keras loss or layer must be None, 'global' or a Python number, so that it "
-                "can be saved in its config; pass a tensor count to `tf_seqloss.sequence_loss` instead. "
-                f"Received: normalizer={normalizer!r}")
+            raise TypeError(_checks.invalid_value(
+                "normalizer", "None, 'global' or a Python number for a Keras loss or layer, so that it can be "
+                "saved in its config (pass a tensor count to `tf_seqloss.sequence_loss` instead)", repr(normalizer)))
         dtype = tf.as_dtype(normalizer.dtype)
         if not (dtype.is_floating or dtype.is_integer):
-            raise TypeError(f"A tensor `normalizer` must be an integer or float count. Received: dtype={dtype.name}")
+            raise TypeError(_checks.invalid_value(
+                "normalizer", "an integer or float count as a tensor", f"a tensor of dtype {dtype.name}"))
         if tf.TensorShape(normalizer.shape).rank not in (None, 0):
-            raise ValueError(
-                f"A tensor `normalizer` must be a scalar token count. Received: normalizer.shape={normalizer.shape}")
+            raise ValueError(_checks.invalid_value(
+                "normalizer", "a scalar token count as a tensor", f"a tensor with normalizer.shape={normalizer.shape}"))
         if isinstance(normalizer, np.ndarray) or (isinstance(normalizer, tf.Tensor)
                                                   and not tf.is_symbolic_tensor(normalizer)):
             _check_positive(float(np.asarray(normalizer)))  # A known value; a graph's is asserted when it runs.
@@ -57,9 +56,8 @@ def check_normalizer(normalizer, *, scalar: bool, allow_tensor: bool = True):
         _check_positive(float(normalizer))
         normalizer = float(normalizer)
     else:
-        raise TypeError(
-            "`normalizer` must be None, 'global' or a positive token count (a number or a scalar tensor). "
-            f"Received: normalizer={normalizer!r} of type {type(normalizer).__name__}")
+        raise TypeError(_checks.invalid_value(
+            "normalizer", _EXPECTED, f"{normalizer!r} of type {type(normalizer).__name__}"))
     if not scalar:
         raise ValueError(
             "`normalizer` applies to the scalar modes only: both `average_across_timesteps` and "
@@ -71,9 +69,8 @@ def check_normalizer(normalizer, *, scalar: bool, allow_tensor: bool = True):
 
 def _check_positive(value: float) -> None:
     if not value > 0 or not np.isfinite(value):
-        raise ValueError(
-            "`normalizer` is the token count the summed loss is divided by and must be a positive, finite "
-            f"number. Received: normalizer={value!r}")
+        raise ValueError(_checks.invalid_value(
+            "normalizer", "a positive, finite number (the token count the summed loss is divided by)", repr(value)))
 
 
 def normalise(total: tf.Tensor, local_normaliser: tf.Tensor, normalizer, epsilon=None) -> tf.Tensor:

@@ -279,9 +279,9 @@ class FusedLinearHead(keras.layers.Layer):
         _check_layer_dtype(kwargs, "FusedLinearHead", floating=True)
         super().__init__(**kwargs)
         if isinstance(units, bool) or not isinstance(units, int) or units < 1:
-            raise ValueError(f"`units` must be a positive int (the number of classes). Received: units={units!r}")
+            raise ValueError(_checks.invalid_value("units", "a positive int (the number of classes)", repr(units)))
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= units):
-            raise ValueError(f"`top_k` must be None or an int in [1, units={units}]. Received: top_k={top_k!r}")
+            raise ValueError(_checks.invalid_value("top_k", f"None or an int in [1, units={units}]", repr(top_k)))
         _keras.check_scalar_reduction(reduction, "FusedLinearHead")
         self._options = LossOptions(  # a tensor option cannot be saved in the config
             average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
@@ -289,7 +289,7 @@ class FusedLinearHead(keras.layers.Layer):
             padding_id=padding_id, allow_tensors=False)
         self.units = units
         if not isinstance(use_bias, (bool, np.bool_)):  # `bool("False")` is True: refuse rather than guess.
-            raise TypeError(f"`use_bias` must be a Python bool. Received: use_bias={use_bias!r}")
+            raise TypeError(_checks.invalid_value("use_bias", "True or False (a Python or NumPy bool)", repr(use_bias)))
         self.use_bias = bool(use_bias)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)

@@ -151,8 +151,8 @@ def check_chunk_size(chunk_size) -> Optional[int]:
     if chunk_size is None:
         return None
     if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be None or a positive int (tokens per chunk). "
-                         f"Received: chunk_size={chunk_size!r}")
+        raise ValueError(_checks.invalid_value("chunk_size", "None or a positive int (tokens per chunk)",
+                                               repr(chunk_size)))
     return int(chunk_size)
 
 
@@ -564,7 +564,7 @@ def sampled_sequence_loss(
                "the z-loss penalises the log-sum-exp over every class, which a sampled softmax never "
                "computes; add it with `linear_sequence_loss` instead")
     if isinstance(num_sampled, (bool, np.bool_)) or not isinstance(num_sampled, (int, np.integer)) or num_sampled < 1:
-        raise ValueError(f"`num_sampled` must be a positive int. Received: num_sampled={num_sampled!r}")
+        raise ValueError(_checks.invalid_value("num_sampled", "a positive int", repr(num_sampled)))
     with tf.name_scope(name or "sampled_sequence_loss"):
         hidden, kernel, bias = check_head(hidden, kernel, bias)
         num_classes = kernel.shape[1]

@@ -92,12 +92,13 @@ class LossOptions:
                 value = getattr(self, field)
                 if not _same(value, default):
                     raise ValueError(
-                        f"`{field}={value!r}` cannot be combined with `softmax_loss_function`: {hint}. "
-                        f"Received: {field}={value!r}, softmax_loss_function={fn!r}")
+                        f"Invalid combination of arguments: `{field}={value!r}` cannot be combined with "
+                        f"`softmax_loss_function`: {hint}. Received: {field}={value!r}, softmax_loss_function={fn!r}")
         if not self.from_logits and not _checks.is_zero(self.z_loss):
             raise ValueError(
-                "`z_loss` cannot be combined with `from_logits=False`: the z-loss penalises the log-sum-exp "
-                f"of logits, which probabilities do not determine. Received: z_loss={self.z_loss!r}")
+                "Invalid combination of arguments: `z_loss` cannot be combined with `from_logits=False`: the z-loss "
+                "penalises the log-sum-exp of logits, which probabilities do not determine. "
+                f"Received: z_loss={self.z_loss!r}")
 
     @property
     def flags(self) -> dict:
@@ -127,18 +128,14 @@ FIELDS = tuple(field.name for field in dataclasses.fields(LossOptions))
 
 def refuse(owner: str, option: str, value, expected: str, reason: str) -> None:
     """Raises the error of an entry point that has no meaning for `option` (or for its `value`), saying why."""
-    raise ValueError(
-        f"Invalid value for argument `{option}` of `{owner}`. Expected {expected}: {reason}. "
-        f"Received: {option}={value!r}")
+    raise ValueError(_checks.invalid_value(option, f"{expected}: {reason}", repr(value), owner=owner))
 
 
 def check_custom_loss(softmax_loss_function) -> None:
     """Raises unless `softmax_loss_function` can be called as `fn(labels=..., logits=...)`."""
     if not callable(softmax_loss_function):
-        raise TypeError(
-            "`softmax_loss_function` must be None or a callable taking `labels=` and `logits=`. "
-            f"Received: softmax_loss_function={softmax_loss_function!r}"
-        )
+        raise TypeError(_checks.invalid_value(
+            "softmax_loss_function", "None or a callable taking `labels=` and `logits=`", repr(softmax_loss_function)))
     try:
         inspect.signature(softmax_loss_function).bind(labels=None, logits=None)
     except TypeError as err:
@@ -163,9 +160,7 @@ def _same(value, default) -> bool:
 
 def _check_bool(arg: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(
-            f"Invalid value for argument `{arg}`. Expected True or False (`{arg}` must be a Python bool). "
-            f"Received: {arg}={value!r}")
+        raise TypeError(_checks.invalid_value(arg, "True or False (a Python or NumPy bool)", repr(value)))
     return bool(value)
 
 
@@ -176,9 +171,9 @@ def _check_flag_families(flags: dict) -> None:
                            ("average_across_timesteps", "sum_over_batch")):
         if flags[average] and flags[total]:
             raise ValueError(
-                f"`{average}` and `{total}` cannot both be True: the `average_across_*` flags divide by "
-                "the summed weights and the `sum_over_*` flags by the count of non-zero weights, and one "
-                "loss cannot do both. Set one family of flags only."
+                f"Invalid combination of arguments: `{average}` and `{total}` cannot both be True: the "
+                "`average_across_*` flags divide by the summed weights and the `sum_over_*` flags by the count "
+                "of non-zero weights, and one loss cannot do both. Set one family of flags only."
             )
 
 
