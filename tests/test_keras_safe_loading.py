@@ -338,3 +338,26 @@ def test_a_crafted_fused_linear_head_initializer_imports_nothing(hostile, tmp_pa
     with pytest.raises((ValueError, TypeError)):
         keras.models.load_model(str(crafted))
     hostile.assert_never_ran()
+
+
+def test_a_registered_function_is_saved_under_its_registered_name_on_every_keras():
+    # tf_keras 2.16 saves the bare `__name__`; the package writes the registered name whatever Keras runs.
+    config = tf_seqloss.SequenceLoss(softmax_loss_function=doubled_xent).get_config()["softmax_loss_function"]
+    assert config["class_name"] == "function"
+    assert config["config"] == "tf_seqloss_safe_tests>doubled_xent"
+
+
+def test_a_bare_registered_name_as_tf_keras_2_16_saved_it_loads_in_safe_mode_unless_ambiguous():
+    legacy = {"module": "builtins", "class_name": "function", "config": "doubled_xent", "registered_name": "function"}
+    loss = tf_seqloss.SequenceLoss.from_config(dict(tf_seqloss.SequenceLoss().get_config(),
+                                                    softmax_loss_function=legacy))
+    assert loss.softmax_loss_function is doubled_xent
+    # The same bare name registered by a second package: which one the file meant is unknown, so it is refused.
+    twin_key = "tf_seqloss_safe_tests_twin>doubled_xent"
+    keras.saving.get_custom_objects()[twin_key] = tripled_xent
+    try:
+        with pytest.raises(ValueError, match=r"Refused to load `softmax_loss_function` of `SequenceLoss` in safe mode"):
+            tf_seqloss.SequenceLoss.from_config(dict(tf_seqloss.SequenceLoss().get_config(),
+                                                     softmax_loss_function=legacy))
+    finally:
+        del keras.saving.get_custom_objects()[twin_key]

@@ -97,8 +97,20 @@ def scale_for_replicas(loss: tf.Tensor, reduction) -> tf.Tensor:
 
 
 def serialize_function(fn):
-    """Returns the config Keras saves a function argument as (None stays None)."""
-    return None if fn is None else keras.saving.serialize_keras_object(fn)
+    """Returns the config Keras saves a function argument as (None stays None).
+
+    A registered function is saved under its registered name (`"package>name"`), as Keras 3 and tf_keras
+    2.18+ save it; tf_keras 2.16 saves the bare `__name__`, which names no registered object, so the file would
+    not load in safe mode.
+    """
+    if fn is None:
+        return None
+    config = keras.saving.serialize_keras_object(fn)
+    if inspect.isfunction(fn) and isinstance(config, dict) and config.get("class_name") == "function":
+        registered = keras.saving.get_registered_name(fn)
+        if ">" in registered and keras.saving.get_registered_object(registered) is fn:
+            config = dict(config, config=registered)
+    return config
 
 
 def in_safe_mode() -> bool:
@@ -184,7 +196,7 @@ def _resolve_safely(config):
         if not isinstance(name, str):
             return None, where
         # Both Kerases save a function under its registered name (or bare name), and look it up by that.
-        found = _registered_function(name)
+        found = _registered_function(name) or _registered_function_by_bare_name(name)
         if found is None and (module in (None, "builtins") or _is_keras_module(module)):
             found = _builtin_function(name)
         return found, where
@@ -203,6 +215,20 @@ def _registered(name: str):
 def _registered_function(name: str):
     found = _registered(name)
     return found if callable(found) and not isinstance(found, type) else None
+
+
+def _registered_function_by_bare_name(name: str):
+    """The one registered function saved as `"<any package>>name"`, or None (none, or several packages).
+
+    tf_keras 2.16 saved a registered function by its bare name; what it names is still only what the user's
+    own code registered, so safe mode may accept it when the name is not ambiguous.
+    """
+    if not isinstance(name, str) or ">" in name:
+        return None
+    registry = getattr(keras.saving, "get_custom_objects", lambda: {})()
+    found = {id(obj): obj for key, obj in registry.items()
+             if key.rpartition(">")[2] == name and callable(obj) and not isinstance(obj, type)}
+    return next(iter(found.values())) if len(found) == 1 else None
 
 
 def _builtin_function(name: str):
