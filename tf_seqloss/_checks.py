@@ -232,15 +232,11 @@ def dtype_policy(dtype, owner: str, *, floating: bool = False):
             policies = importlib.import_module(_keras.keras.__name__ + ".src.mixed_precision.policy")
             policy = policies.get_policy(dtype)
     except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"Invalid value for argument `dtype` of `{owner}`. Expected {expected}. Received: dtype={dtype!r} "
-            f"({err})"
-        ) from None
+        raise ValueError(invalid_value("dtype", expected, f"{dtype!r} ({err})", owner=owner)) from None
     if floating and not all(tf.as_dtype(d).is_floating for d in (policy.compute_dtype, policy.variable_dtype)):
-        raise ValueError(
-            f"Invalid value for argument `dtype` of `{owner}`. Expected {expected}. Received: dtype={dtype!r} "
-            f"(compute dtype {policy.compute_dtype}, variable dtype {policy.variable_dtype})"
-        )
+        raise ValueError(invalid_value(
+            "dtype", expected,
+            f"{dtype!r} (compute dtype {policy.compute_dtype}, variable dtype {policy.variable_dtype})", owner=owner))
     return policy
 
 
@@ -258,19 +254,15 @@ def accumulator_dtype(dtype, owner: str) -> str:
         return floatx if floatx in ("float32", "float64") else "float32"
     variable = tf.as_dtype(dtype_policy(dtype, owner).variable_dtype)
     if variable not in (tf.float32, tf.float64):
-        raise ValueError(
-            f"Invalid value for argument `dtype` of `{owner}`. Expected None, 'float32', 'float64' or a mixed "
-            "policy ('mixed_float16', 'mixed_bfloat16', which sum in float32): the dtype of the running sums, "
-            "where an integer type truncates fractional values and a half-precision one cannot count past 2048 "
-            f"tokens one by one. Received: dtype={dtype!r}"
-        )
+        raise ValueError(invalid_value(
+            "dtype", "None, 'float32', 'float64' or a mixed policy ('mixed_float16', 'mixed_bfloat16', which sum in "
+            "float32): the dtype of the running sums, where an integer type truncates fractional values and a "
+            "half-precision one cannot count past 2048 tokens one by one", repr(dtype), owner=owner))
     return variable.name
 
 
 def check_name(name, owner: str) -> None:
     """Raises unless `name` is None or a string (Keras 3 accepted any object until the first call)."""
     if name is not None and not isinstance(name, str):
-        raise TypeError(
-            f"Invalid value for argument `name` of `{owner}`. Expected a string or None. "
-            f"Received: name={name!r} of type {type(name).__name__}"
-        )
+        raise TypeError(invalid_value("name", "a string or None", f"{name!r} of type {type(name).__name__}",
+                                      owner=owner))

@@ -32,10 +32,7 @@ order) to float tolerance; `benchmarks/README.md` has their speed and memory."""
 
 def check_implementation(implementation: str) -> None:
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"Invalid value for argument `implementation`. Expected one of {IMPLEMENTATIONS}. "
-            f"Received: implementation={implementation!r}"
-        )
+        raise ValueError(_checks.invalid_value("implementation", f"one of {IMPLEMENTATIONS}", repr(implementation)))
 
 
 # Outside XLA, `"auto"` compiles the fused kernels only for at least this many classes: below it a step

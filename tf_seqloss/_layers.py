@@ -384,10 +384,8 @@ def _check_maxlen(maxlen) -> Optional[int]:
         return None
     if isinstance(maxlen, (bool, np.bool_)) or not isinstance(maxlen, (int, np.integer)) \
             or not 0 <= maxlen <= _MAX_MAXLEN:
-        raise ValueError(
-            f"Invalid value for argument `maxlen`. Expected None or an int in [0, {_MAX_MAXLEN}] (2**31 - 1, the "
-            f"largest int32 time size). Received: maxlen={maxlen!r}"
-        )
+        raise ValueError(_checks.invalid_value(
+            "maxlen", f"None or an int in [0, {_MAX_MAXLEN}] (2**31 - 1, the largest int32 time size)", repr(maxlen)))
     return int(maxlen)
 
 
@@ -398,8 +396,6 @@ def _check_mask_dtype(output_dtype) -> str:
         dtype = None
     # `tf.sequence_mask` casts a bool mask: strings, complex, quantized and resource types fail when called.
     if dtype is None or not (dtype.is_bool or dtype.is_floating or dtype.is_integer):
-        raise ValueError(
-            "Invalid value for argument `output_dtype`. Expected 'bool' or a floating or integer dtype name "
-            f"(e.g. 'float32', 'int32'). Received: output_dtype={output_dtype!r}"
-        )
+        raise ValueError(_checks.invalid_value(
+            "output_dtype", "'bool' or a floating or integer dtype name (e.g. 'float32', 'int32')", repr(output_dtype)))
     return dtype.name

@@ -42,8 +42,7 @@ class Reduction:
     @classmethod
     def validate(cls, key: str) -> None:
         if key not in cls.all():
-            raise ValueError(
-                f"Invalid value for argument `reduction`. Expected one of {cls.all()}. Received: reduction={key!r}")
+            raise ValueError(_checks.invalid_value("reduction", f"one of {cls.all()}", repr(key)))
 
 
 @tf.autograph.experimental.do_not_convert
