@@ -1,24 +1,36 @@
-"""Runs every ```python block of README.md, so that the documentation cannot drift from the code."""
+"""README.md, the landing page: every code block checked by the rules of tests/doc_blocks.py (python blocks run,
+commands name what exists), at most 200 lines, and its links absolute, since PyPI and the docs site show it
+away from the repository."""
 
 import re
-from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.M | re.S)
+from tests import doc_blocks
+
+README = doc_blocks.ROOT / "README.md"
+BLOCKS = doc_blocks.blocks(README)
 
 
 def test_readme_has_python_examples():
-    assert len(BLOCKS) >= 4
+    assert len([block for block in BLOCKS if block.lang == "python"]) >= 3
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_block_runs(index):
-    code = BLOCKS[index]
-    exec(compile(code, f"README.md block {index}", "exec"), {"__name__": "__readme__"})
+@pytest.mark.parametrize("block", BLOCKS, ids=[block.id for block in BLOCKS])
+def test_readme_block(block):
+    doc_blocks.check(block, BLOCKS)
 
 
 def test_readme_set_up_commands_exist():
-    for script in re.findall(r"^bash (scripts/\S+\.sh)", README.read_text(), flags=re.M):
+    commands = re.findall(r"^bash (scripts/\S+\.sh)", README.read_text(), flags=re.M)
+    assert {"scripts/example.sh", "scripts/test.sh"} <= set(commands)
+    for script in commands:
         assert (README.parent / script).exists(), script
+
+
+def test_readme_is_a_landing_page():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 200
+    assert "https://tf-seqloss.github.io/tf_seqloss/" in text
+    for target in re.findall(r"\]\(([^)]+)\)", text):
+        assert re.match(r"https://", target), f"relative link {target}: it breaks outside the repository"

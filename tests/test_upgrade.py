@@ -175,8 +175,8 @@ def test_without_libcst_the_import_error_names_the_extra():
     assert 'pip install "tf_seqloss[upgrade]"' in run.stdout
 
 
-def test_readme_before_and_after_is_what_the_tool_prints(tmp_path, capsys, monkeypatch):
-    readme = (REPO / "README.md").read_text()
+def test_docs_before_and_after_is_what_the_tool_prints(tmp_path, capsys, monkeypatch):
+    readme = (REPO / "docs" / "migrating.md").read_text()
     shown = re.search(r"```diff\n(.*?)```", readme, re.S).group(1)
     excerpt = (HERE / "upgrade_corpus" / "hunkim_hello_rnn.before.py").read_text().split("\n", 1)[1]
     (tmp_path / "lab.py").write_text(excerpt)
