@@ -2,11 +2,12 @@
 
     python scripts/docs_screenshots.py OUT_DIR [--chromium /usr/bin/chromium]
 
-Opens the home page, a guide (Performance) and an API page, checks that the navigation tabs lead somewhere,
-that the search box finds a query, that code is highlighted and that every plot image loaded
-(naturalWidth > 0), and writes one PNG per view to OUT_DIR for a person to look at before a release. Exits 1,
-naming each failed check, if any fails. Needs the `docs` extra and Python playwright (`pip install
-playwright`; it drives the Chromium given, and downloads no browser of its own).
+Opens the home page, the Padding guide, the Performance guide's plots, an API page, the search and the dark
+palette; checks that the navigation tabs lead somewhere, that the search box finds a query, that code is
+highlighted, that every plot image loaded (naturalWidth > 0) and that the light/dark toggle switches; and
+writes one PNG per view to OUT_DIR for a person to look at before a release. Exits 1, naming each failed
+check, if any fails. Needs the `docs` extra and Python playwright (`pip install playwright`; it drives the
+Chromium given, and downloads no browser of its own).
 """
 
 from __future__ import annotations
@@ -103,6 +104,15 @@ def look(base: str, out: Path, chromium: str) -> list:
         results = page.locator(".md-search-result__item").count()
         check(results > 0, f"search: 'padding_id' gives {results} results")
         page.screenshot(path=str(out / "search.png"), full_page=False)
+
+        page.goto(base + "/getting-started/", wait_until="networkidle")
+        before = page.evaluate("() => document.body.getAttribute('data-md-color-scheme')")
+        page.locator("label.md-header__button[for^='__palette']:visible").first.click()
+        page.wait_for_function(f"() => document.body.getAttribute('data-md-color-scheme') !== '{before}'")
+        after = page.evaluate("() => document.body.getAttribute('data-md-color-scheme')")
+        check((before, after) == ("default", "slate"), f"palette toggle: {before} -> {after}")
+        page.wait_for_function("() => document.getAnimations().every(a => a.playState !== 'running')")
+        page.screenshot(path=str(out / "dark.png"), full_page=False)
 
         check(not outside, f"no request left localhost ({outside[:3]})")
         browser.close()
