@@ -142,8 +142,8 @@ def sequence_loss(
 
     Returns:
         The reduced loss, of the rank the flags give (0, 1 or 2). Its dtype is float32 for float16 and
-        bfloat16 logits (the loss is computed in float32, so logits up to the float16 maximum of 65504 do
-        not overflow) and the logits' dtype otherwise.
+            bfloat16 logits (the loss is computed in float32, so logits up to the float16 maximum of 65504
+            do not overflow) and the logits' dtype otherwise.
 
     A sparse target id outside `[0, classes)` at a position with non-zero weight makes the loss NaN
     (elementwise outputs: that element) and the gradient of that position's logits NaN, in eager mode,
