@@ -132,11 +132,15 @@ class SequenceLoss(keras.losses.Loss):
     >>> round(float(loss(targets, logits, sample_weight=weights)), 5)  # log(5)
     1.60944
 
-    In `compile`:
+    In `compile` (`tf.keras` is Keras 3, or tf_keras with `TF_USE_LEGACY_KERAS=1`):
 
-    ```python
-    model.compile(optimizer="adam", loss=tf_seqloss.SequenceLoss(padding_id=0))
-    ```
+    >>> import tensorflow as tf
+    >>> keras = tf.keras
+    >>> model = keras.Sequential([keras.Input((None,), dtype="int32"), keras.layers.Embedding(10, 8),
+    ...                           keras.layers.Dense(10, kernel_initializer="zeros")])   # uniform at first
+    >>> model.compile(optimizer="adam", loss=tf_seqloss.SequenceLoss(padding_id=0))
+    >>> round(float(model.evaluate(np.array([[4, 5, 0]]), np.array([[5, 6, 0]]), verbose=0)), 4)   # log(10)
+    2.3026
     """
 
     def __init__(

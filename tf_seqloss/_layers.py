@@ -176,17 +176,21 @@ class SequenceLossLayer(keras.layers.Layer):
     >>> [round(float(loss), 4) for loss in layer.losses]   # log(5)
     [1.6094]
 
-    In a model whose inputs hold the lengths:
+    In a model whose inputs hold the lengths, compiled without a loss:
 
-    ```python
-    tokens = keras.Input((None,), dtype="int32")
-    targets = keras.Input((None,), dtype="int32")
-    lengths = keras.Input((), dtype="int32")
-    logits = keras.layers.Dense(vocab)(keras.layers.Embedding(vocab, 16)(tokens))
-    logits = tf_seqloss.SequenceLossLayer()(logits, targets, lengths=lengths)
-    model = keras.Model([tokens, targets, lengths], logits)
-    model.compile(optimizer="adam")
-    ```
+    >>> import tensorflow as tf
+    >>> keras = tf.keras          # Keras 3, or tf_keras with TF_USE_LEGACY_KERAS=1
+    >>> tokens = keras.Input((None,), dtype="int32")
+    >>> targets = keras.Input((None,), dtype="int32")
+    >>> lengths = keras.Input((), dtype="int32")
+    >>> embedded = keras.layers.Embedding(10, 8)(tokens)
+    >>> logits = keras.layers.Dense(10, kernel_initializer="zeros")(embedded)   # uniform at first
+    >>> logits = tf_seqloss.SequenceLossLayer()(logits, targets, lengths=lengths)
+    >>> model = keras.Model([tokens, targets, lengths], logits)
+    >>> model.compile(optimizer="adam")
+    >>> batch = [np.array([[4, 5, 9]]), np.array([[5, 6, 7]]), np.array([2])]
+    >>> round(float(model.evaluate(batch, verbose=0)), 4)   # log(10), over the 2 real tokens
+    2.3026
     """
 
     def __init__(
@@ -406,15 +410,20 @@ class FusedLinearHead(keras.layers.Layer):
 
     A training model and a predicting model sharing the head:
 
-    ```python
-    tokens = keras.Input((None,), dtype="int32")
-    targets = keras.Input((None,), dtype="int32")
-    hidden = keras.layers.LSTM(256, return_sequences=True)(keras.layers.Embedding(vocab, 128)(tokens))
-    head = tf_seqloss.FusedLinearHead(vocab, padding_id=0)
-    trainer = keras.Model([tokens, targets], head(hidden, targets))   # fused loss, no logits
-    trainer.compile(optimizer="adam")
-    predictor = keras.Model(tokens, head(hidden))                     # the same weights, logits
-    ```
+    >>> import tensorflow as tf
+    >>> keras = tf.keras          # Keras 3, or tf_keras with TF_USE_LEGACY_KERAS=1
+    >>> tokens = keras.Input((None,), dtype="int32")
+    >>> targets = keras.Input((None,), dtype="int32")
+    >>> hidden = keras.layers.Embedding(10, 8, mask_zero=True)(tokens)   # id 0 is padding
+    >>> head = tf_seqloss.FusedLinearHead(10, kernel_initializer="zeros")
+    >>> trainer = keras.Model([tokens, targets], head(hidden, targets))   # fused loss, no logits
+    >>> trainer.compile(optimizer="adam")
+    >>> predictor = keras.Model(tokens, head(hidden))                     # the same weights, logits
+    >>> _ = trainer([np.array([[4, 5, 0]]), np.array([[5, 6, 0]])])   # a step's forward pass
+    >>> [round(float(loss), 4) for loss in trainer.losses]               # log(10)
+    [2.3026]
+    >>> predictor(np.array([[4, 5, 0]])).shape
+    TensorShape([1, 3, 10])
     """
 
     def __init__(
