@@ -31,7 +31,12 @@ def test_every_module_is_collected_and_the_public_faces_have_examples():
         assert sum(len(test.examples) for test in tests) > 0, name
 
 
-@pytest.mark.parametrize("module_name", MODULES)
+# The command line's modules, without `__main__` (importing it runs the command). They need the `upgrade`
+# extra (libcst), which the test environment installs.
+UPGRADE_MODULES = ["tf_seqloss_upgrade.cli"]
+
+
+@pytest.mark.parametrize("module_name", MODULES + UPGRADE_MODULES)
 def test_docstring_examples_run(module_name):
     module = importlib.import_module(module_name)
     finder = doctest.DocTestFinder(exclude_empty=True)
@@ -346,3 +351,21 @@ def test_griffe_parses_every_reference_docstring_without_a_warning():
     warnings_by_path = _griffe_warnings(_reference_paths())
     assert "tf_seqloss._sequence_loss.sequence_loss" in warnings_by_path
     assert {path: found for path, found in warnings_by_path.items() if found} == {}
+
+
+def test_the_command_line_help_documents_usage_options_exit_statuses_and_examples(capsys):
+    from tf_seqloss_upgrade import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: tf-seqloss-upgrade [-h] [--write] [--contrib-version {1.4,1.15}]")
+    for option in ("--write", "--contrib-version", "PATH"):
+        assert re.search(rf"^  {re.escape(option)}\b.*\S", text, re.M), option
+    for status in ("0 when nothing was refused", "1 when something was", "2 for a bad command line"):
+        assert status in text
+    examples = text.split("\nexamples:\n", 1)[1]
+    commands = [line.split()[0] for line in examples.splitlines() if line.startswith("  ")]
+    assert commands.count("tf-seqloss-upgrade") >= 4 and "python" in commands
+    assert 'pip install "tf_seqloss[upgrade]"' in text
