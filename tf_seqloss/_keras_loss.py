@@ -328,8 +328,21 @@ class SequenceLoss(keras.losses.Loss):
 @tf.autograph.experimental.do_not_convert
 def reduced_loss(loss: SequenceLoss, y_true, y_pred, sample_weight, *, lengths=None, mask=None,
                  scale_for_replicas: bool, owner: str = "SequenceLoss") -> tf.Tensor:
-    """Returns `loss`'s value reduced by its `reduction`: what `SequenceLoss.__call__` and
-    `SequenceLossLayer.call` both return. `scale_for_replicas=False` for `add_loss`, which Keras scales."""
+    """Returns `loss`'s value reduced by its `reduction`: what `SequenceLoss.__call__` and `SequenceLossLayer.call` use.
+
+    Args:
+        loss: the `SequenceLoss` whose options and reduction apply.
+        y_true: the targets.
+        y_pred: the logits (or probabilities).
+        sample_weight: Keras' weights, or None.
+        lengths: `[batch]` lengths, or None.
+        mask: a Keras mask, or None (then `y_pred`'s own is read).
+        scale_for_replicas: True for a loss `compile` takes; False for `add_loss`, which Keras scales.
+        owner: the public class named in warnings.
+
+    Returns:
+        The reduced loss.
+    """
     with tf.name_scope(loss._scope_name()):
         value = loss._weighted_loss(y_true, y_pred, sample_weight, lengths=lengths, mask=mask, owner=owner)
         if not scale_for_replicas:  # for a layer's `add_loss`
@@ -383,7 +396,15 @@ def _rows_look_like_probabilities(y_pred) -> Optional[bool]:
 
 
 def standardize_targets(y_true, logits):
-    """Returns `[batch, time]` integer ids or `[batch, time, classes]` probabilities."""
+    """Returns `[batch, time]` integer ids or `[batch, time, classes]` probabilities.
+
+    Args:
+        y_true: Keras' targets: ids (possibly float, possibly `[batch, time, 1]`) or probabilities.
+        logits: the logits, whose class count tells a trailing 1 apart from one class.
+
+    Returns:
+        The targets, squeezed and cast to int64 where Keras handed ids over as floats.
+    """
     if isinstance(y_true, tf.RaggedTensor):
         return y_true
     targets = tf.convert_to_tensor(y_true)

@@ -186,6 +186,19 @@ def compute_sequence_loss(logits, targets, options: LossOptions, *, weights=None
     The path every public face of the loss takes (the function, `SequenceLoss`, `SequenceLossLayer`):
     inputs are checked, every padding route becomes one set of token weights (`_padding.token_weights`),
     `_cross_entropy` weighs the per-token loss, and `_options.reduce_tokens` reduces it as the flags say.
+
+    Args:
+        logits: as in `sequence_loss` (probabilities with `options.from_logits` False); may be ragged.
+        targets: as in `sequence_loss`; may be ragged.
+        options: the checked options.
+        weights: contrib's `[batch, time]` float weights, or None.
+        sample_weight: Keras' weights (a scalar, `[batch]`, `[batch, time]` or `[batch, time, 1]`), or None.
+        lengths: `[batch]` integer lengths, or None.
+        mask: a `[batch, time]` Keras mask, or None.
+        probability_epsilon: the clipping bound of probabilities (`options.from_logits` False).
+
+    Returns:
+        The loss reduced as `options`' flags say, as `sequence_loss` returns it.
     """
     tokens = token_losses(logits, targets, options, weights=weights, sample_weight=sample_weight,
                           lengths=lengths, mask=mask, probability_epsilon=probability_epsilon)
@@ -207,6 +220,20 @@ def token_losses(logits, targets, options: LossOptions, *, weights=None, sample_
 
     With `options.from_logits` False, `logits` are probabilities, as Keras' cross-entropies take them with
     `from_logits=False`, clipped to `[probability_epsilon, 1 - probability_epsilon]`.
+
+    Args:
+        logits: as in `compute_sequence_loss`.
+        targets: as in `compute_sequence_loss`.
+        options: as in `compute_sequence_loss`.
+        weights: as in `compute_sequence_loss`.
+        sample_weight: as in `compute_sequence_loss`.
+        lengths: as in `compute_sequence_loss`.
+        mask: as in `compute_sequence_loss`.
+        probability_epsilon: as in `compute_sequence_loss`.
+
+    Returns:
+        A `TokenLosses`: `weighted` and `weights` (`[batch, time]`, all ones where nothing marks padding),
+            and the dense, checked `logits` and `targets`.
     """
     ragged = _padding.densify_ragged(logits, targets, weights)
     logits = tf.convert_to_tensor(ragged.logits, name="logits")
