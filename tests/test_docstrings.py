@@ -353,6 +353,28 @@ def test_griffe_parses_every_reference_docstring_without_a_warning():
     assert {path: found for path, found in warnings_by_path.items() if found} == {}
 
 
+# The private functions every public face runs through: Args and Returns (no Example: they are not API).
+# The head's kernels (`_linear_head`, `_fused`, `_cross_entropy`) are not listed yet.
+PRIVATE_MAIN = [
+    "tf_seqloss._sequence_loss.compute_sequence_loss", "tf_seqloss._sequence_loss.token_losses",
+    "tf_seqloss._options.reduce_tokens", "tf_seqloss._options.reduce_for_keras", "tf_seqloss._options.for_add_loss",
+    "tf_seqloss._padding.token_weights", "tf_seqloss._padding.densify_ragged", "tf_seqloss._distribute.normalise",
+    "tf_seqloss._checks.invalid_value", "tf_seqloss._keras.serialize_function",
+    "tf_seqloss._keras.deserialize_function", "tf_seqloss._keras_loss.reduced_loss",
+    "tf_seqloss._keras_loss.standardize_targets", "tf_seqloss._cross_entropy.choose_implementation",
+]
+
+
+@pytest.mark.parametrize("path", PRIVATE_MAIN)
+def test_private_main_functions_document_args_and_returns(path):
+    module, name = path.rsplit(".", 1)
+    function = getattr(importlib.import_module(module), name)
+    problems = [problem for problem in _problems(path, name, function, "function")
+                if problem not in ("no Raises", "no Example with a `>>>` line")]
+    assert problems == []
+    assert "Returns" in _sections(_docstring(function, "function"))
+
+
 def test_the_command_line_help_documents_usage_options_exit_statuses_and_examples(capsys):
     from tf_seqloss_upgrade import cli
 
