@@ -27,7 +27,8 @@ from tf_seqloss import _checks, _fused
 
 IMPLEMENTATIONS = ("auto", "reference", "fused", "fused_xla")
 """The values `implementation=` takes. Every one gives the same values and gradients (first and second
-order) to float tolerance; `benchmarks/README.md` has their speed and memory."""
+order) to float tolerance; the `implementation` argument of `sequence_loss` says what each one is and
+how `"auto"` chooses, and `benchmarks/README.md` has their speed and memory."""
 
 
 def check_implementation(implementation: str) -> None:

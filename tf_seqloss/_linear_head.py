@@ -128,6 +128,8 @@ def linear_sequence_loss(
             classes.
         TypeError: as `sequence_loss` for the shared arguments; `hidden`, `kernel` and `bias` of
             different or non-float dtypes, or non-integer `targets`.
+        tf.errors.InvalidArgumentError: as `sequence_loss`, when the graph runs, for sizes or values
+            only known then.
 
     Example:
 
@@ -562,6 +564,8 @@ def sampled_sequence_loss(
             no `sampled_values` or `remove_accidental_hits=True`.
         TypeError: as `sequence_loss` for the shared arguments; `hidden`, `kernel` and `bias` of
             different or non-float dtypes, or non-integer `targets`.
+        tf.errors.InvalidArgumentError: as `sequence_loss`, when the graph runs, for sizes or values
+            only known then.
 
     Example:
 

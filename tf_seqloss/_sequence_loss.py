@@ -154,12 +154,13 @@ def sequence_loss(
     Raises:
         ValueError: wrong ranks, batch/time/classes sizes that disagree, conflicting flags,
             `label_smoothing` outside `[0, 1]` or with `softmax_loss_function`, `padding_id` with
-            probability targets or outside the targets' dtype, ragged inputs under XLA. Where sizes or
-            values are only known at run time (lengths outside `[0, time]`), a mismatch raises
-            `tf.errors.InvalidArgumentError` when the graph runs.
+            probability targets or outside the targets' dtype, ragged inputs under XLA.
         TypeError: non-float `logits` or `weights`, non-integer sparse `targets`, `lengths` or
             `padding_id`, a `label_smoothing` that is not a number, or a `softmax_loss_function` that
             cannot be called with `labels=` and `logits=` keywords.
+        tf.errors.InvalidArgumentError: when the graph runs, for what is only known then: sizes that
+            disagree, `lengths` outside `[0, time]`, a tensor `label_smoothing` outside `[0, 1]`, a
+            tensor `normalizer` that is not positive (not under XLA, which compiles these asserts away).
 
     Example:
 
