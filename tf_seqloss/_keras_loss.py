@@ -141,6 +141,15 @@ class SequenceLoss(keras.losses.Loss):
     >>> model.compile(optimizer="adam", loss=tf_seqloss.SequenceLoss(padding_id=0))
     >>> round(float(model.evaluate(np.array([[4, 5, 0]]), np.array([[5, 6, 0]]), verbose=0)), 4)   # log(10)
     2.3026
+
+    In a custom training step:
+
+    >>> loss_fn = tf_seqloss.SequenceLoss(padding_id=0)
+    >>> with tf.GradientTape() as tape:
+    ...     loss = loss_fn(np.array([[5, 6, 0]]), model(np.array([[4, 5, 0]])))
+    >>> gradients = tape.gradient(loss, model.trainable_variables)
+    >>> round(float(loss), 4), all(g is not None for g in gradients)
+    (2.3026, True)
     """
 
     def __init__(
