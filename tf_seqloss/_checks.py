@@ -114,6 +114,15 @@ def invalid_value(arg: str, expected: str, received: str, *, owner: Optional[str
 
     `Invalid value for argument `arg` [of `owner`]. Expected <expected>. Received: arg=<received>`: every
     option check says what was expected and what was received the same way.
+
+    Args:
+        arg: the argument's name.
+        expected: what it must be, a phrase (e.g. "a number in [0, 1]").
+        received: the value received, as it should be shown (usually its `repr`).
+        owner: the class or function the argument belongs to, when the message needs it.
+
+    Returns:
+        The message, one line.
     """
     where = f" of `{owner}`" if owner else ""
     return f"Invalid value for argument `{arg}`{where}. Expected {expected}. Received: {arg}={received}"

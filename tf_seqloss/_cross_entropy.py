@@ -27,7 +27,8 @@ from tf_seqloss import _checks, _fused
 
 IMPLEMENTATIONS = ("auto", "reference", "fused", "fused_xla")
 """The values `implementation=` takes. Every one gives the same values and gradients (first and second
-order) to float tolerance; `benchmarks/README.md` has their speed and memory."""
+order) to float tolerance; the `implementation` argument of `sequence_loss` says what each one is and
+how `"auto"` chooses, and `benchmarks/README.md` has their speed and memory."""
 
 
 def check_implementation(implementation: str) -> None:
@@ -55,21 +56,9 @@ def choose_implementation(implementation: str, num_classes: Optional[int] = None
             some of them is unknown while tracing.
 
     Returns:
-        `implementation` unless it is `"auto"`. `"auto"` keeps the reference whenever the machine has an
-        accelerator (GPU, TPU): the fused formulation was measured on CPU only, and CPU figures never make
-        a path the default on GPU. On a CPU-only machine it gives:
-
-        - inside an XLA compilation, `"fused"`, whose plain ops XLA fuses;
-        - below `MIN_CLASSES_FOR_KERNELS` classes, or with an unknown number of classes, the reference;
-        - with sizes unknown while tracing (a `tf.function` with `None` sizes, one with
-          `reduce_retracing=True` from its second shape on, Keras' `fit`), `"fused"`: plain ops, which
-          compile nothing per shape;
-        - with static sizes (eager calls, a `tf.function` traced for a concrete shape), `"fused_xla"`:
-          two XLA kernels, compiled once per shape. A loop whose shapes change at every step then
-          compiles at every new shape: give its `tf.function` `None` sizes (or `reduce_retracing=True`)
-          to get `"fused"`, or pass `implementation="fused"`.
-
-        benchmarks/README.md has the figures behind these choices.
+        `implementation` unless it is `"auto"`; for `"auto"`, the formulation the rule stated once, in the
+            `implementation` argument of `tf_seqloss.sequence_loss`, picks (the code below is that rule;
+            `MIN_CLASSES_FOR_KERNELS` is its class threshold).
     """
     if implementation != "auto":
         return implementation

@@ -79,6 +79,15 @@ def normalise(total: tf.Tensor, local_normaliser: tf.Tensor, normalizer, epsilon
     `local_normaliser` is this call's own (summed weights, or count of non-zero weights), which `"global"`
     sums over the replicas in sync. `epsilon`, if given, is added to a `"global"` normaliser as it is to
     a call's own; an explicit count is divided by as given.
+
+    Args:
+        total: the scalar weighted sum of this call's token losses.
+        local_normaliser: this call's own normaliser.
+        normalizer: `"global"`, or a positive number or scalar tensor (the checked option).
+        epsilon: the checked `epsilon` option, or None.
+
+    Returns:
+        The scalar `total / normaliser`; the normaliser is a constant for differentiation.
     """
     if isinstance(normalizer, str):
         count = global_sum(local_normaliser)

@@ -102,6 +102,12 @@ def serialize_function(fn):
     A registered function is saved under its registered name (`"package>name"`), as Keras 3 and tf_keras
     2.18+ save it; tf_keras 2.16 saves the bare `__name__`, which names no registered object, so the file would
     not load in safe mode.
+
+    Args:
+        fn: the function, or None.
+
+    Returns:
+        Keras' serialised config of `fn`, or None.
     """
     if fn is None:
         return None
@@ -150,6 +156,17 @@ def deserialize_function(config, owner: str, arg: str):
     would import any module a `.keras` file names. With safe mode off the config goes to Keras'
     deserialiser as it is, which loads lambdas (and, under tf_keras, functions of any importable module).
     An object (not a config) is returned as it is.
+
+    Args:
+        config: what `serialize_function` saved, a function, or None.
+        owner: the class whose argument this is, for the message.
+        arg: the argument's name, for the message.
+
+    Returns:
+        The function, or None.
+
+    Raises:
+        ValueError: safe mode refuses the config, or Keras cannot deserialise it.
     """
     if config is None or callable(config):
         return config

@@ -101,8 +101,18 @@ class SequenceLoss(keras.losses.Loss):
             `sequence_loss` does. tf_keras' `Loss` has no `dtype`; this class accepts it there too.
 
     Returns:
-        A scalar loss (or the shape the flags and `reduction="none"` leave) in `dtype`: float32 by
-        default, whatever the logits' dtype; float32 also for a half-precision `dtype`.
+        A scalar loss (or the shape the flags and `reduction="none"` leave) in `dtype`, float32 by
+            default whatever the logits' dtype, and float32 also for a half-precision `dtype`.
+
+    Raises:
+        ValueError: conflicting flags, an option out of its range (`label_smoothing` outside `[0, 1]`, a
+            negative `z_loss` or `epsilon`, an unknown `implementation` or `normalizer`), an option not
+            allowed with another (`z_loss` or `from_logits=False` with `softmax_loss_function`), an
+            unknown `reduction`, or a `dtype` that is not a floating dtype or policy. When called, as
+            `sequence_loss`, for inputs of the wrong rank or sizes that disagree.
+        TypeError: an option of the wrong type (a flag that is not a bool, a `padding_id` that is not an
+            int, a `softmax_loss_function` that is not callable, a `name` that is not a string). When
+            called, as `sequence_loss`, for inputs of the wrong dtype.
 
     Under `tf.distribute` each replica normalises by its own tokens and the replicas' losses are averaged,
     as Keras does for its built-in losses: Keras 3 divides by the number of replicas inside the loss (for
@@ -122,11 +132,24 @@ class SequenceLoss(keras.losses.Loss):
     >>> round(float(loss(targets, logits, sample_weight=weights)), 5)  # log(5)
     1.60944
 
-    In `compile`:
+    In `compile` (`tf.keras` is Keras 3, or tf_keras with `TF_USE_LEGACY_KERAS=1`):
 
-    ```python
-    model.compile(optimizer="adam", loss=tf_seqloss.SequenceLoss(padding_id=0))
-    ```
+    >>> import tensorflow as tf
+    >>> keras = tf.keras
+    >>> model = keras.Sequential([keras.Input((None,), dtype="int32"), keras.layers.Embedding(10, 8),
+    ...                           keras.layers.Dense(10, kernel_initializer="zeros")])   # uniform at first
+    >>> model.compile(optimizer="adam", loss=tf_seqloss.SequenceLoss(padding_id=0))
+    >>> round(float(model.evaluate(np.array([[4, 5, 0]]), np.array([[5, 6, 0]]), verbose=0)), 4)   # log(10)
+    2.3026
+
+    In a custom training step:
+
+    >>> loss_fn = tf_seqloss.SequenceLoss(padding_id=0)
+    >>> with tf.GradientTape() as tape:
+    ...     loss = loss_fn(np.array([[5, 6, 0]]), model(np.array([[4, 5, 0]])))
+    >>> gradients = tape.gradient(loss, model.trainable_variables)
+    >>> round(float(loss), 4), all(g is not None for g in gradients)
+    (2.3026, True)
     """
 
     def __init__(
@@ -176,6 +199,32 @@ class SequenceLoss(keras.losses.Loss):
 
     @tf.autograph.experimental.do_not_convert
     def __call__(self, y_true: TensorLike, y_pred: TensorLike, sample_weight: Optional[TensorLike] = None) -> tf.Tensor:
+        """Returns the loss of a batch, reduced by the flags and then by `reduction`.
+
+        Args:
+            y_true: `[batch, time]` class ids (or `[batch, time, 1]`), or `[batch, time, classes]`
+                probabilities; may be ragged.
+            y_pred: `[batch, time, classes]` logits (probabilities with `from_logits=False`); may be
+                ragged. A Keras mask on it marks padding.
+            sample_weight: optional weights: `[batch, time]`, `[batch, time, 1]`, `[batch]` per sequence,
+                or a scalar. `None` means all ones.
+
+        Returns:
+            The loss, in the loss's `dtype`: a scalar for the default flags.
+
+        Raises:
+            ValueError: as `sequence_loss`, for inputs of the wrong rank or sizes that disagree.
+            TypeError: as `sequence_loss`, for inputs of the wrong dtype.
+
+        Example:
+
+        >>> import numpy as np, tf_seqloss
+        >>> logits = np.zeros([2, 3, 4], "float32")          # uniform over 4 classes
+        >>> targets = np.array([[1, 2, 0], [3, 0, 0]])
+        >>> per_sequence = tf_seqloss.SequenceLoss(average_across_batch=False, reduction="none")
+        >>> np.round(per_sequence(targets, logits, sample_weight=np.array([1.0, 0.0])).numpy(), 4)
+        array([1.3863, 0.    ], dtype=float32)
+        """
         # Keras' own `Loss.__call__` multiplies the output of `call` by `sample_weight` and then reduces.
         # Keras 3's `"mean_with_sample_weight"` would give the default flags' `sum(w * ce) / sum(w)`, but
         # tf_keras has no such reduction, and the `sum_over_*` and single-axis flags need the weights
@@ -185,10 +234,31 @@ class SequenceLoss(keras.losses.Loss):
 
     @tf.autograph.experimental.do_not_convert
     def call(self, y_true: TensorLike, y_pred: TensorLike) -> tf.Tensor:
-        """Returns `sequence_loss` with the flags, weighted by `y_pred`'s Keras mask and `padding_id` only."""
+        """Returns `sequence_loss` with the flags, weighted by `y_pred`'s Keras mask and `padding_id` only.
+
+        Keras' `Loss.call`: the loss before `reduction`, without `sample_weight`; `__call__` is what
+        `compile` and a custom loop call.
+
+        Args:
+            y_true: as in `__call__`.
+            y_pred: as in `__call__`.
+
+        Returns:
+            The loss reduced by the flags only.
+
+        Raises:
+            ValueError: as `sequence_loss`, for inputs of the wrong rank or sizes that disagree.
+            TypeError: as `sequence_loss`, for inputs of the wrong dtype.
+        """
         return self._weighted_loss(y_true, y_pred, None)
 
     def get_config(self) -> dict:
+        """Returns the loss's config: `name`, `reduction`, `dtype` and every option.
+
+        Returns:
+            A JSON-serialisable dict that `from_config` rebuilds the loss from; a `softmax_loss_function`
+                is saved as Keras serialises a function.
+        """
         config = super().get_config()
         config.update(self._options.config(),
                       softmax_loss_function=_keras.serialize_function(self.softmax_loss_function),
@@ -197,6 +267,18 @@ class SequenceLoss(keras.losses.Loss):
 
     @classmethod
     def from_config(cls, config: dict) -> "SequenceLoss":
+        """Returns a loss built from `get_config()`'s dict, resolving a saved `softmax_loss_function`.
+
+        Args:
+            config: a dict from `get_config()`.
+
+        Returns:
+            A new `SequenceLoss`.
+
+        Raises:
+            ValueError: `softmax_loss_function` names a function that is not registered with Keras, or
+                one that safe mode refuses to load.
+        """
         config = dict(config)
         config["softmax_loss_function"] = _keras.deserialize_function(
             config.get("softmax_loss_function"), cls.__name__, "softmax_loss_function")
@@ -255,8 +337,21 @@ class SequenceLoss(keras.losses.Loss):
 @tf.autograph.experimental.do_not_convert
 def reduced_loss(loss: SequenceLoss, y_true, y_pred, sample_weight, *, lengths=None, mask=None,
                  scale_for_replicas: bool, owner: str = "SequenceLoss") -> tf.Tensor:
-    """Returns `loss`'s value reduced by its `reduction`: what `SequenceLoss.__call__` and
-    `SequenceLossLayer.call` both return. `scale_for_replicas=False` for `add_loss`, which Keras scales."""
+    """Returns `loss`'s value reduced by its `reduction`: what `SequenceLoss.__call__` and `SequenceLossLayer.call` use.
+
+    Args:
+        loss: the `SequenceLoss` whose options and reduction apply.
+        y_true: the targets.
+        y_pred: the logits (or probabilities).
+        sample_weight: Keras' weights, or None.
+        lengths: `[batch]` lengths, or None.
+        mask: a Keras mask, or None (then `y_pred`'s own is read).
+        scale_for_replicas: True for a loss `compile` takes; False for `add_loss`, which Keras scales.
+        owner: the public class named in warnings.
+
+    Returns:
+        The reduced loss.
+    """
     with tf.name_scope(loss._scope_name()):
         value = loss._weighted_loss(y_true, y_pred, sample_weight, lengths=lengths, mask=mask, owner=owner)
         if not scale_for_replicas:  # for a layer's `add_loss`
@@ -310,7 +405,15 @@ def _rows_look_like_probabilities(y_pred) -> Optional[bool]:
 
 
 def standardize_targets(y_true, logits):
-    """Returns `[batch, time]` integer ids or `[batch, time, classes]` probabilities."""
+    """Returns `[batch, time]` integer ids or `[batch, time, classes]` probabilities.
+
+    Args:
+        y_true: Keras' targets: ids (possibly float, possibly `[batch, time, 1]`) or probabilities.
+        logits: the logits, whose class count tells a trailing 1 apart from one class.
+
+    Returns:
+        The targets, squeezed and cast to int64 where Keras handed ids over as floats.
+    """
     if isinstance(y_true, tf.RaggedTensor):
         return y_true
     targets = tf.convert_to_tensor(y_true)

@@ -38,6 +38,11 @@ class SequenceMask(keras.layers.Layer):
         lengths: `[batch]` integer lengths.
         reference: optional tensor whose axis 1 is the time size, e.g. the `[batch, time, classes]` logits.
 
+    Raises:
+        ValueError: `maxlen` is not `None` or an int in `[0, 2**31 - 1]`, `output_dtype` is not `"bool"` or
+            a floating or integer dtype, or `dtype` (in `**kwargs`) is not a dtype or policy.
+        TypeError: when called, `lengths` is not integer.
+
     Example:
 
     >>> import numpy as np, tf_seqloss
@@ -53,6 +58,28 @@ class SequenceMask(keras.layers.Layer):
         self.output_dtype = _check_mask_dtype(output_dtype)
 
     def call(self, lengths, reference=None):
+        """Returns the `[batch, time]` mask of `lengths`, in `output_dtype`.
+
+        Args:
+            lengths: `[batch]` integer sequence lengths.
+            reference: optional tensor whose axis 1 gives the time size when `maxlen` is `None`, e.g. the
+                `[batch, time, classes]` logits the mask is for. Without either, the time size is the
+                largest length.
+
+        Returns:
+            The mask, 1 (or True) at positions before each sequence's length and 0 after.
+
+        Raises:
+            TypeError: `lengths` is not integer.
+
+        Example:
+
+        >>> import numpy as np, tf_seqloss
+        >>> logits = np.zeros([2, 4, 5], "float32")
+        >>> tf_seqloss.SequenceMask(output_dtype="bool")(np.array([1, 3]), reference=logits).numpy()
+        array([[ True, False, False, False],
+               [ True,  True,  True, False]])
+        """
         lengths = tf.convert_to_tensor(lengths)
         if not lengths.dtype.is_integer:
             raise TypeError(
@@ -64,12 +91,26 @@ class SequenceMask(keras.layers.Layer):
         return tf.sequence_mask(lengths, maxlen=maxlen, dtype=self.output_dtype)
 
     def compute_output_shape(self, lengths_shape, reference_shape=None):
+        """Returns `(batch, time)`, with `time` from `maxlen` or `reference_shape` (None when unknown).
+
+        Args:
+            lengths_shape: the shape of `lengths`, `(batch,)`.
+            reference_shape: the shape of `reference`, if the layer is called with one.
+
+        Returns:
+            The shape of the mask, a tuple.
+        """
         time = self.maxlen
         if time is None and reference_shape is not None:
             time = tuple(reference_shape)[1]
         return (tuple(lengths_shape)[0], time)
 
     def get_config(self) -> dict:
+        """Returns the layer's config: the base layer's, `maxlen` and `output_dtype`.
+
+        Returns:
+            A JSON-serialisable dict that `from_config` rebuilds the layer from.
+        """
         config = super().get_config()
         config.update(maxlen=self.maxlen, output_dtype=self.output_dtype)
         return config
@@ -90,15 +131,24 @@ class SequenceLossLayer(keras.layers.Layer):
     loss are averaged (`reduction="sum_over_batch_size"`) or summed (`reduction="sum"`).
 
     Args:
-        average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
-        softmax_loss_function, padding_id, label_smoothing, z_loss, epsilon, implementation, reduction,
-        from_logits: as in `tf_seqloss.SequenceLoss` (same defaults), except that `reduction` must give a
-            scalar (`"sum_over_batch_size"`, `"sum"`; Keras 3 also `"mean"`, `"mean_with_sample_weight"`,
-            tf_keras `"auto"`), as for `FusedLinearHead`. With `from_logits=False`, `logits` are
-            probabilities (the output of a softmax), and the layer returns them unchanged.
+        average_across_timesteps: as in `tf_seqloss.SequenceLoss` (same default).
+        average_across_batch: as in `tf_seqloss.SequenceLoss` (same default).
+        sum_over_timesteps: as in `tf_seqloss.SequenceLoss`.
+        sum_over_batch: as in `tf_seqloss.SequenceLoss`.
+        softmax_loss_function: as in `tf_seqloss.SequenceLoss`.
+        padding_id: keyword-only. As in `tf_seqloss.SequenceLoss`.
+        label_smoothing: keyword-only. As in `tf_seqloss.SequenceLoss`.
+        epsilon: keyword-only. As in `tf_seqloss.SequenceLoss`.
+        implementation: keyword-only. As in `tf_seqloss.SequenceLoss`; see `sequence_loss`.
+        reduction: keyword-only. As in `tf_seqloss.SequenceLoss`, except that it must give a scalar
+            (`"sum_over_batch_size"`, `"sum"`; Keras 3 also `"mean"`, `"mean_with_sample_weight"`,
+            tf_keras `"auto"`), as for `FusedLinearHead`.
         normalizer: as in `tf_seqloss.SequenceLoss`: `"global"` makes `fit` under a `tf.distribute` strategy
             train on the global token mean of each batch (the layer hands `add_loss` its replica's share
             times the replicas, which both Kerases divide by).
+        from_logits: keyword-only. As in `tf_seqloss.SequenceLoss`. With `from_logits=False`, `logits` are
+            probabilities (the output of a softmax), and the layer returns them unchanged.
+        z_loss: keyword-only. As in `tf_seqloss.SequenceLoss`.
         **kwargs: passed to `keras.layers.Layer` (`name`, ...). Inputs are not autocast under mixed
             precision (`autocast=False`): the loss is computed in float32 from the logits as they come.
 
@@ -108,17 +158,39 @@ class SequenceLossLayer(keras.layers.Layer):
         weights: optional `[batch, time]` float weights.
         lengths: optional `[batch]` integer lengths.
 
+    Raises:
+        ValueError: an option `tf_seqloss.SequenceLoss` refuses, a `reduction` that leaves a non-scalar
+            loss, or a `dtype` (in `**kwargs`) that is not a dtype or policy.
+        TypeError: an option of the wrong type, as `tf_seqloss.SequenceLoss` says.
+
     Example:
 
-    ```python
-    tokens = keras.Input((None,), dtype="int32")
-    targets = keras.Input((None,), dtype="int32")
-    lengths = keras.Input((), dtype="int32")
-    logits = keras.layers.Dense(vocab)(keras.layers.Embedding(vocab, 16)(tokens))
-    logits = tf_seqloss.SequenceLossLayer()(logits, targets, lengths=lengths)
-    model = keras.Model([tokens, targets, lengths], logits)
-    model.compile(optimizer="adam")
-    ```
+    Called on a batch, the layer returns the logits and holds the loss in `layer.losses`:
+
+    >>> import numpy as np, tf_seqloss
+    >>> logits = np.zeros([2, 3, 5], "float32")          # uniform over 5 classes
+    >>> targets = np.array([[1, 2, 0], [4, 0, 0]])
+    >>> layer = tf_seqloss.SequenceLossLayer()
+    >>> layer(logits, targets, lengths=np.array([3, 1])).shape
+    TensorShape([2, 3, 5])
+    >>> [round(float(loss), 4) for loss in layer.losses]   # log(5)
+    [1.6094]
+
+    In a model whose inputs hold the lengths, compiled without a loss:
+
+    >>> import tensorflow as tf
+    >>> keras = tf.keras          # Keras 3, or tf_keras with TF_USE_LEGACY_KERAS=1
+    >>> tokens = keras.Input((None,), dtype="int32")
+    >>> targets = keras.Input((None,), dtype="int32")
+    >>> lengths = keras.Input((), dtype="int32")
+    >>> embedded = keras.layers.Embedding(10, 8)(tokens)
+    >>> logits = keras.layers.Dense(10, kernel_initializer="zeros")(embedded)   # uniform at first
+    >>> logits = tf_seqloss.SequenceLossLayer()(logits, targets, lengths=lengths)
+    >>> model = keras.Model([tokens, targets, lengths], logits)
+    >>> model.compile(optimizer="adam")
+    >>> batch = [np.array([[4, 5, 9]]), np.array([[5, 6, 7]]), np.array([2])]
+    >>> round(float(model.evaluate(batch, verbose=0)), 4)   # log(10), over the 2 real tokens
+    2.3026
     """
 
     def __init__(
@@ -160,6 +232,30 @@ class SequenceLossLayer(keras.layers.Layer):
         return self._sequence_loss.reduction
 
     def call(self, logits, targets, weights=None, lengths=None, mask=None):
+        """Adds the sequence loss of `logits` against `targets` to the layer's losses; returns `logits`.
+
+        Args:
+            logits: `[batch, time, classes]` logits (probabilities with `from_logits=False`).
+            targets: `[batch, time]` class ids or `[batch, time, classes]` probabilities.
+            weights: optional `[batch, time]` float weights.
+            lengths: optional `[batch]` integer lengths.
+            mask: the Keras mask of `logits`, which Keras passes; 0 (False) marks padding.
+
+        Returns:
+            `logits`, unchanged.
+
+        Raises:
+            ValueError: as `tf_seqloss.sequence_loss`, for inputs of the wrong rank or sizes that disagree.
+            TypeError: as `tf_seqloss.sequence_loss`, for inputs of the wrong dtype.
+
+        Example:
+
+        >>> import numpy as np, tf_seqloss
+        >>> layer = tf_seqloss.SequenceLossLayer(padding_id=0)
+        >>> _ = layer(np.zeros([1, 3, 4], "float32"), np.array([[1, 2, 0]]))
+        >>> round(float(layer.losses[0]), 4)   # log(4), over the two real tokens
+        1.3863
+        """
         _warn_about_logged_global_loss(self)
         # Both Kerases divide `add_loss` losses by the number of replicas themselves.
         self.add_loss(reduced_loss(
@@ -168,12 +264,36 @@ class SequenceLossLayer(keras.layers.Layer):
         return logits
 
     def compute_output_shape(self, logits_shape, *args, **kwargs):
+        """Returns `logits_shape`: the layer returns the logits.
+
+        Args:
+            logits_shape: the shape of `logits`.
+            *args: the shapes of the other inputs, ignored.
+            **kwargs: the shapes of the other inputs, ignored.
+
+        Returns:
+            `logits_shape`.
+        """
         return logits_shape
 
     def compute_mask(self, logits, mask=None):
+        """Returns `mask`: the returned logits keep the padding mask they came with.
+
+        Args:
+            logits: the logits.
+            mask: their Keras mask, or None.
+
+        Returns:
+            `mask`.
+        """
         return mask
 
     def get_config(self) -> dict:
+        """Returns the layer's config: the base layer's and every option, as `SequenceLoss.get_config`.
+
+        Returns:
+            A JSON-serialisable dict that `from_config` rebuilds the layer from.
+        """
         config = super().get_config()
         loss_config = self._sequence_loss.get_config()
         for key in FIELDS + ("reduction",):
@@ -182,6 +302,18 @@ class SequenceLossLayer(keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config: dict) -> "SequenceLossLayer":
+        """Returns a layer built from `get_config()`'s dict, resolving a saved `softmax_loss_function`.
+
+        Args:
+            config: a dict from `get_config()`.
+
+        Returns:
+            A new `SequenceLossLayer`.
+
+        Raises:
+            ValueError: `softmax_loss_function` names a function that is not registered with Keras, or
+                one that safe mode refuses to load.
+        """
         config = dict(config)
         config["softmax_loss_function"] = _keras.deserialize_function(
             config.get("softmax_loss_function"), cls.__name__, "softmax_loss_function")
@@ -222,13 +354,19 @@ class FusedLinearHead(keras.layers.Layer):
     Args:
         units: the number of classes.
         use_bias: whether the projection has a bias.
-        kernel_initializer, bias_initializer: Keras initializers of the kernel and bias.
-        average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch: keyword-only;
-            the contrib flags, as in `tf_seqloss.SequenceLoss`: an unset (`None`) averaging flag is True
-            unless a `sum_over_*` flag is True, so `sum_over_timesteps=True, sum_over_batch=True` alone
-            is TFA's class default.
-        padding_id, label_smoothing, z_loss, epsilon, chunk_size: keyword-only; as in
-            `linear_sequence_loss`.
+        kernel_initializer: the Keras initializer of the kernel.
+        bias_initializer: the Keras initializer of the bias.
+        average_across_timesteps: keyword-only. The contrib flag, as in `tf_seqloss.SequenceLoss`: unset
+            (`None`), it is True unless a `sum_over_*` flag is True, so `sum_over_timesteps=True,
+            sum_over_batch=True` alone is TFA's class default.
+        average_across_batch: keyword-only. As `average_across_timesteps`.
+        sum_over_timesteps: keyword-only. As in `tf_seqloss.SequenceLoss`.
+        sum_over_batch: keyword-only. As in `tf_seqloss.SequenceLoss`.
+        padding_id: keyword-only. As in `linear_sequence_loss`.
+        label_smoothing: keyword-only. As in `linear_sequence_loss`.
+        z_loss: keyword-only. As in `linear_sequence_loss`.
+        epsilon: keyword-only. As in `linear_sequence_loss`.
+        chunk_size: keyword-only. As in `linear_sequence_loss`.
         normalizer: keyword-only. As in `tf_seqloss.SequenceLossLayer`: a Python number or `"global"`
             (the exact token mean over the replicas of a `tf.distribute` strategy).
         top_k: keyword-only. `None` (default): inference returns the logits; an int `k`: it returns
@@ -239,17 +377,53 @@ class FusedLinearHead(keras.layers.Layer):
         **kwargs: passed to `keras.layers.Layer` (`name`, `dtype`, ...); `dtype` must be floating (the
             kernel's), e.g. `"float32"` or `"mixed_bfloat16"`.
 
+    Call arguments:
+        hidden: `[batch, time, features]` hidden states.
+        targets: optional `[batch, time]` class ids; given, the layer adds the loss and returns the
+            per-token log-sum-exp.
+        weights: optional `[batch, time]` float weights.
+        lengths: optional `[batch]` integer lengths.
+
+    Raises:
+        ValueError: `units` is not a positive int, `top_k` not `None` or an int in `[1, units]`, a
+            `reduction` that leaves a non-scalar loss, an option `linear_sequence_loss` refuses, a
+            `SequenceLossLayer` option the head has no meaning for (`from_logits`,
+            `softmax_loss_function`, `implementation`), or a non-floating `dtype` (in `**kwargs`).
+        TypeError: `use_bias` is not a bool, or an option of the wrong type.
+
     Example:
 
-    ```python
-    tokens = keras.Input((None,), dtype="int32")
-    targets = keras.Input((None,), dtype="int32")
-    hidden = keras.layers.LSTM(256, return_sequences=True)(keras.layers.Embedding(vocab, 128)(tokens))
-    head = tf_seqloss.FusedLinearHead(vocab, padding_id=0)
-    trainer = keras.Model([tokens, targets], head(hidden, targets))   # fused loss, no logits
-    trainer.compile(optimizer="adam")
-    predictor = keras.Model(tokens, head(hidden))                     # the same weights, logits
-    ```
+    Without targets the layer returns the logits; with them, the per-token log-sum-exp, after adding
+    the loss to `head.losses`:
+
+    >>> import numpy as np, tf_seqloss
+    >>> head = tf_seqloss.FusedLinearHead(5, kernel_initializer="zeros")   # uniform over 5 classes
+    >>> hidden = np.ones([2, 3, 4], "float32")
+    >>> head(hidden).shape
+    TensorShape([2, 3, 5])
+    >>> targets = np.array([[1, 2, 0], [4, 0, 0]])
+    >>> np.round(head(hidden, targets, lengths=np.array([3, 1])).numpy(), 4)   # 0 at padding
+    array([[1.6094, 1.6094, 1.6094],
+           [1.6094, 0.    , 0.    ]], dtype=float32)
+    >>> [round(float(loss), 4) for loss in head.losses]   # log(5)
+    [1.6094]
+
+    A training model and a predicting model sharing the head:
+
+    >>> import tensorflow as tf
+    >>> keras = tf.keras          # Keras 3, or tf_keras with TF_USE_LEGACY_KERAS=1
+    >>> tokens = keras.Input((None,), dtype="int32")
+    >>> targets = keras.Input((None,), dtype="int32")
+    >>> hidden = keras.layers.Embedding(10, 8, mask_zero=True)(tokens)   # id 0 is padding
+    >>> head = tf_seqloss.FusedLinearHead(10, kernel_initializer="zeros")
+    >>> trainer = keras.Model([tokens, targets], head(hidden, targets))   # fused loss, no logits
+    >>> trainer.compile(optimizer="adam")
+    >>> predictor = keras.Model(tokens, head(hidden))                     # the same weights, logits
+    >>> _ = trainer([np.array([[4, 5, 0]]), np.array([[5, 6, 0]])])   # a step's forward pass
+    >>> [round(float(loss), 4) for loss in trainer.losses]               # log(10)
+    [2.3026]
+    >>> predictor(np.array([[4, 5, 0]])).shape
+    TensorShape([1, 3, 10])
     """
 
     def __init__(
@@ -299,6 +473,16 @@ class FusedLinearHead(keras.layers.Layer):
         self.supports_masking = True
 
     def build(self, hidden_shape, *args, **kwargs):
+        """Creates `kernel` (`[features, units]`) and, with `use_bias`, `bias` (`[units]`).
+
+        Args:
+            hidden_shape: the shape of `hidden`; its last axis (features) must be known.
+            *args: the shapes of the other inputs, ignored.
+            **kwargs: the shapes of the other inputs, ignored.
+
+        Raises:
+            ValueError: the last axis of `hidden_shape` is unknown.
+        """
         features = tuple(hidden_shape)[-1]
         if features is None:
             raise ValueError("The last axis of `hidden` (features) must be known to build `FusedLinearHead`. "
@@ -310,6 +494,33 @@ class FusedLinearHead(keras.layers.Layer):
         self.built = True
 
     def call(self, hidden, targets=None, weights=None, lengths=None, mask=None):
+        """Returns the logits of `hidden`, or, given `targets`, adds their fused loss and returns the log-sum-exp.
+
+        Args:
+            hidden: `[batch, time, features]` hidden states.
+            targets: optional `[batch, time]` class ids. `None`: inference.
+            weights: optional `[batch, time]` float weights (with `targets` only).
+            lengths: optional `[batch]` integer lengths (with `targets` only).
+            mask: the Keras mask of `hidden`, which Keras passes; 0 (False) marks padding.
+
+        Returns:
+            Without `targets`, the `[batch, time, units]` logits `hidden @ kernel + bias`, or with
+                `top_k=k` the pair `(values, ids)`, `[batch, time, k]` each. With `targets`, the
+                `[batch, time]` log-sum-exp of every token's logits (0 at padded tokens), after adding
+                the loss with `add_loss`.
+
+        Raises:
+            ValueError: as `linear_sequence_loss`, for inputs of the wrong rank or sizes that disagree.
+            TypeError: as `linear_sequence_loss`, for inputs of the wrong dtype.
+
+        Example:
+
+        >>> import numpy as np, tf_seqloss
+        >>> head = tf_seqloss.FusedLinearHead(6, top_k=2)
+        >>> values, ids = head(np.ones([2, 3, 4], "float32"))   # the 2 largest logits of every token
+        >>> values.shape, ids.shape
+        (TensorShape([2, 3, 2]), TensorShape([2, 3, 2]))
+        """
         kernel = tf.convert_to_tensor(self.kernel)
         bias = None if self.bias is None else tf.convert_to_tensor(self.bias)
         if targets is None:
@@ -333,6 +544,18 @@ class FusedLinearHead(keras.layers.Layer):
         return log_sum_exp
 
     def compute_output_shape(self, hidden_shape, targets_shape=None, *args, **kwargs):
+        """Returns the shape `call` returns for these input shapes.
+
+        Args:
+            hidden_shape: the shape of `hidden`, `(batch, time, features)`.
+            targets_shape: the shape of `targets`, or None for inference.
+            *args: the shapes of the other inputs, ignored.
+            **kwargs: the shapes of the other inputs, ignored.
+
+        Returns:
+            `(batch, time)` with targets; else `(batch, time, units)`, or with `top_k=k` the pair of
+                `(batch, time, k)` shapes.
+        """
         hidden_shape = tuple(hidden_shape)
         if targets_shape is not None:
             return hidden_shape[:-1]
@@ -341,11 +564,25 @@ class FusedLinearHead(keras.layers.Layer):
         return hidden_shape[:-1] + (self.top_k,), hidden_shape[:-1] + (self.top_k,)
 
     def compute_mask(self, hidden, mask=None):
+        """Returns `mask` for the logits or log-sum-exp, which keep the padding of `hidden`; None with `top_k`.
+
+        Args:
+            hidden: the hidden states.
+            mask: their Keras mask, or None.
+
+        Returns:
+            `mask`, or None when the layer returns the `top_k` pair.
+        """
         # Both Kerases call `compute_mask(inputs, previous_mask)`, the mask second whatever `call` takes:
         # the logits (or the per-token log-sum-exp) keep the padding mask of `hidden`.
         return None if self.top_k is not None else mask
 
     def get_config(self) -> dict:
+        """Returns the layer's config: the base layer's, `units`, the initializers and every option.
+
+        Returns:
+            A JSON-serialisable dict that `from_config` rebuilds the layer from.
+        """
         config = super().get_config()
         config.update(
             units=self.units, use_bias=self.use_bias,

@@ -99,8 +99,10 @@ def linear_sequence_loss(
         kernel: `[features, classes]` output projection, of the dtype of `hidden`.
         targets: `[batch, time]` integer class ids.
         weights: `[batch, time]` float weights, as in `sequence_loss`; `None` means all ones.
-        average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch: the contrib
-            flags, as in `sequence_loss` (same defaults, same output shapes).
+        average_across_timesteps: the contrib flag, as in `sequence_loss` (same default, same shapes).
+        average_across_batch: the contrib flag, as in `sequence_loss` (same default, same shapes).
+        sum_over_timesteps: the contrib flag, as in `sequence_loss` (same default, same shapes).
+        sum_over_batch: the contrib flag, as in `sequence_loss` (same default, same shapes).
         name: name scope of the operations; defaults to `"linear_sequence_loss"`.
         bias: keyword-only. Optional `[classes]` bias, of the dtype of `hidden`.
         lengths: keyword-only. `[batch]` sequence lengths, as in `sequence_loss`.
@@ -118,11 +120,16 @@ def linear_sequence_loss(
 
     Returns:
         The loss, shaped and typed as `sequence_loss`'s (float32 for half-precision inputs); with
-        `return_log_sum_exp=True`, the pair `(loss, log_sum_exp)`.
+            `return_log_sum_exp=True`, the pair `(loss, log_sum_exp)`.
 
     Raises:
-        ValueError, TypeError: as `sequence_loss` for the shared arguments; and for `hidden`, `kernel`
-            and `bias` of the wrong rank, of different dtypes, or disagreeing in features or classes.
+        ValueError: as `sequence_loss` for the shared arguments; a `chunk_size` that is not `None` or a
+            positive int; `hidden`, `kernel` or `bias` of the wrong rank, or disagreeing in features or
+            classes.
+        TypeError: as `sequence_loss` for the shared arguments; `hidden`, `kernel` and `bias` of
+            different or non-float dtypes, or non-integer `targets`.
+        tf.errors.InvalidArgumentError: as `sequence_loss`, when the graph runs, for sizes or values
+            only known then.
 
     Example:
 
@@ -522,10 +529,17 @@ def sampled_sequence_loss(
         kernel: `[features, classes]` output projection (transposed for `tf.nn.sampled_softmax_loss`,
             which takes `[classes, features]`); `classes` must be known when traced.
         targets: `[batch, time]` integer class ids.
-        weights, average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
-        name, lengths, padding_id, epsilon, normalizer: as in `sequence_loss`.
+        weights: `[batch, time]` float weights, as in `sequence_loss`; `None` means all ones.
+        average_across_timesteps: the contrib flag, as in `sequence_loss`.
+        average_across_batch: the contrib flag, as in `sequence_loss`.
+        sum_over_timesteps: the contrib flag, as in `sequence_loss`.
+        sum_over_batch: the contrib flag, as in `sequence_loss`.
+        name: name scope of the operations; defaults to `"sampled_sequence_loss"`.
         num_sampled: keyword-only, required. The number of classes sampled per batch.
         bias: keyword-only. Optional `[classes]` bias.
+        lengths: keyword-only. `[batch]` sequence lengths, as in `sequence_loss`.
+        padding_id: keyword-only. A class id marking padding in `targets`, as in `sequence_loss`.
+        epsilon: keyword-only. As in `sequence_loss`.
         remove_accidental_hits: keyword-only. As in `tf.nn.sampled_softmax_loss` (default True).
         sampled_values: keyword-only. A `(sampled, true_expected_count, sampled_expected_count)` tuple
             from a `tf.random.*_candidate_sampler` over the flattened `[batch * time, 1]` targets; `None`
@@ -534,6 +548,7 @@ def sampled_sequence_loss(
             them here and pass `remove_accidental_hits=False` (its op has no XLA kernel either); else a
             `ValueError` says so.
         seed: keyword-only. Seed of the default sampler.
+        normalizer: keyword-only. As in `sequence_loss`.
         label_smoothing: keyword-only. Refused unless 0 (`ValueError`): TF1 label smoothing spreads mass
             over every class, while a sampled softmax sees only the target and the sampled classes.
         z_loss: keyword-only. Refused unless 0 (`ValueError`): the z-loss penalises the log-sum-exp over
@@ -541,6 +556,16 @@ def sampled_sequence_loss(
 
     Returns:
         The reduced loss, shaped as `sequence_loss`'s output for the flags.
+
+    Raises:
+        ValueError: as `sequence_loss` for the shared arguments; a `num_sampled` that is not a positive
+            int; non-zero `label_smoothing` or `z_loss`; `hidden`, `kernel` or `bias` of the wrong rank or
+            disagreeing in sizes; `kernel.shape[1]` unknown while tracing; or, under `jit_compile=True`,
+            no `sampled_values` or `remove_accidental_hits=True`.
+        TypeError: as `sequence_loss` for the shared arguments; `hidden`, `kernel` and `bias` of
+            different or non-float dtypes, or non-integer `targets`.
+        tf.errors.InvalidArgumentError: as `sequence_loss`, when the graph runs, for sizes or values
+            only known then.
 
     Example:
 

@@ -76,6 +76,27 @@ class _TokenMetric(keras.metrics.Metric):
 
         Padding comes from `sample_weight` (`[batch, time]`, `[batch]` or a scalar), the Keras mask of
         `y_pred` and `padding_id`, multiplied together as in `SequenceLoss`.
+
+        Args:
+            y_true: `[batch, time]` class ids (or `[batch, time, 1]`), or `[batch, time, classes]`
+                probabilities; may be ragged.
+            y_pred: `[batch, time, classes]` logits; may be ragged.
+            sample_weight: optional token weights: `[batch, time]`, `[batch]` per sequence, or a scalar.
+
+        Raises:
+            ValueError: as `tf_seqloss.sequence_loss`, for inputs of the wrong rank or sizes that disagree.
+            TypeError: as `tf_seqloss.sequence_loss`, for inputs of the wrong dtype.
+
+        Example:
+
+        >>> import numpy as np, tf_seqloss
+        >>> metric = tf_seqloss.TokenAccuracy()
+        >>> logits = np.eye(3, dtype="float32")[[[0, 1, 2]]]        # predicts 0, 1, 2
+        >>> metric.update_state(np.array([[0, 2, 2]]), logits, sample_weight=np.array([[1, 1, 0]]))
+        >>> float(metric.result())   # the weight-0 token does not count
+        0.5
+        >>> metric.reset_state(); float(metric.result())
+        0.0
         """
         ragged = isinstance(y_pred, tf.RaggedTensor) or isinstance(y_true, tf.RaggedTensor)
         logits = y_pred if isinstance(y_pred, tf.RaggedTensor) else tf.convert_to_tensor(y_pred)
@@ -91,11 +112,17 @@ class _TokenMetric(keras.metrics.Metric):
             self._unmarked_padding.warn_if_seen(self)
 
     def reset_state(self):
+        """Sets the running sums to 0, as Keras does at the start of every epoch and of `evaluate`."""
         self._unmarked_padding.warn_if_seen(self)  # Keras resets eagerly before an epoch and `evaluate`.
         for variable in (self.total, self.count):
             variable.assign(tf.zeros_like(variable))
 
     def get_config(self) -> dict:
+        """Returns the metric's config: `name`, `dtype` and `padding_id`.
+
+        Returns:
+            A JSON-serialisable dict that `from_config` rebuilds the metric from.
+        """
         config = super().get_config()
         config["padding_id"] = self.padding_id
         return config
@@ -114,6 +141,12 @@ class TokenPerplexity(_TokenMetric):
             float32). `None`: `keras.backend.floatx()`, or float32 if that is a half-precision type.
             Integer and half-precision dtypes are refused (`ValueError`): they truncate or round the sums.
         padding_id: keyword-only. A class id marking padding in `y_true` (weight 0 there).
+        **kwargs: passed to `keras.metrics.Metric`.
+
+    Raises:
+        ValueError: `dtype` is not float32, float64 or a mixed policy, or `padding_id` does not fit in
+            int64.
+        TypeError: `name` is not a string, or `padding_id` is not an int.
 
     Example:
 
@@ -132,6 +165,11 @@ class TokenPerplexity(_TokenMetric):
         return tokens.weighted
 
     def result(self):
+        """Returns the token perplexity since the last reset.
+
+        Returns:
+            `exp(sum(w * ce) / sum(w))`, a scalar in the metric's dtype; 1 before any token.
+        """
         self._unmarked_padding.warn_if_seen(self)
         return tf.exp(tf.math.divide_no_nan(self.total, self.count))
 
@@ -148,6 +186,12 @@ class TokenAccuracy(_TokenMetric):
             float32). `None`: `keras.backend.floatx()`, or float32 if that is a half-precision type.
             Integer and half-precision dtypes are refused (`ValueError`): they truncate or round the sums.
         padding_id: keyword-only. A class id marking padding in `y_true` (weight 0 there).
+        **kwargs: passed to `keras.metrics.Metric`.
+
+    Raises:
+        ValueError: `dtype` is not float32, float64 or a mixed policy, or `padding_id` does not fit in
+            int64.
+        TypeError: `name` is not a string, or `padding_id` is not an int.
 
     Example:
 
@@ -171,6 +215,11 @@ class TokenAccuracy(_TokenMetric):
         return tokens.weights * correct
 
     def result(self):
+        """Returns the token accuracy since the last reset.
+
+        Returns:
+            `sum(w * correct) / sum(w)`, a scalar in the metric's dtype; 0 before any token.
+        """
         self._unmarked_padding.warn_if_seen(self)
         return tf.math.divide_no_nan(self.total, self.count)
 

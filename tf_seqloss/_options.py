@@ -182,6 +182,14 @@ def reduce_tokens(weighted: tf.Tensor, token_weights: Optional[tf.Tensor], optio
 
     `token_weights` None stands for all ones. The averaging flags divide by the summed weights, the
     `sum_over_*` flags by the count of non-zero weights; `normalizer` and `epsilon` as documented.
+
+    Args:
+        weighted: `[batch, time]` weighted token losses `w * ce`.
+        token_weights: `[batch, time]` token weights `w`, or None for all ones.
+        options: the checked options; their flags, `normalizer` and `epsilon` are read.
+
+    Returns:
+        `[]`, `[batch]`, `[time]` or `[batch, time]`, as the flags say.
     """
     axes = [axis for axis, on in ((0, options.average_across_batch or options.sum_over_batch),
                                   (1, options.average_across_timesteps or options.sum_over_timesteps)) if on]
@@ -219,6 +227,13 @@ def reduce_for_keras(loss: tf.Tensor, reduction) -> tf.Tensor:
 
     `"sum"` sums, every other reduction but `None`/`"none"` averages (the weights already acted inside the
     flags, so Keras' mean reductions are all the plain mean here).
+
+    Args:
+        loss: what the flags left.
+        reduction: a Keras reduction name, or None.
+
+    Returns:
+        A scalar, or `loss` as it is for `None` and `"none"`.
     """
     if not loss.shape.rank or reduction in (None, "none"):
         return loss
@@ -230,6 +245,14 @@ def for_add_loss(loss: tf.Tensor, options: LossOptions, reduction) -> tf.Tensor:
 
     Both Kerases divide `add_loss` losses by the number of replicas in sync; a share of a global mean
     (`normalizer` given) must reach the gradient as it is, so it is handed over multiplied by them.
+
+    Args:
+        loss: what the flags left.
+        options: the layer's options; only `normalizer` is read.
+        reduction: the layer's Keras reduction.
+
+    Returns:
+        The scalar to pass to `add_loss`.
     """
     loss = reduce_for_keras(loss, reduction)
     return loss if options.normalizer is None else _distribute.undo_replica_scaling(loss)

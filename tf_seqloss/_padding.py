@@ -34,6 +34,14 @@ def densify_ragged(logits, targets, weights=None) -> DenseInputs:
 
     The row lengths of the ragged inputs become the sequence lengths; where several inputs are ragged
     their row lengths must agree. Dense inputs pass through unchanged.
+
+    Args:
+        logits: `[batch, time, classes]` logits, dense or ragged.
+        targets: `[batch, time]` ids or `[batch, time, classes]` probabilities, dense or ragged.
+        weights: `[batch, time]` weights, dense, ragged or None.
+
+    Returns:
+        A `DenseInputs` with the padded tensors and the row lengths (None when nothing was ragged).
     """
     lengths = None
 
@@ -113,8 +121,11 @@ def token_weights(
         lengths: `[batch]` integer lengths in `[0, time]`, any integer dtype.
         padding_id: an id marking padding in sparse `targets` (checked by `_checks.check_padding_id`).
         mask: a `[batch, time]` Keras mask (boolean, or 0/1).
+        reference_arg: the name `reference` goes by in error messages (`"logits"`, `"hidden"`).
 
-    None stands for all ones: the caller can then skip the work that padding needs.
+    Returns:
+        The `[batch, time]` weights, the product of every route given, or None when no route is given
+            (None stands for all ones: the caller can then skip the work that padding needs).
     """
     given = None
     if weights is not None:

@@ -142,8 +142,8 @@ def sequence_loss(
 
     Returns:
         The reduced loss, of the rank the flags give (0, 1 or 2). Its dtype is float32 for float16 and
-        bfloat16 logits (the loss is computed in float32, so logits up to the float16 maximum of 65504 do
-        not overflow) and the logits' dtype otherwise.
+            bfloat16 logits (the loss is computed in float32, so logits up to the float16 maximum of 65504
+            do not overflow) and the logits' dtype otherwise.
 
     A sparse target id outside `[0, classes)` at a position with non-zero weight makes the loss NaN
     (elementwise outputs: that element) and the gradient of that position's logits NaN, in eager mode,
@@ -154,12 +154,13 @@ def sequence_loss(
     Raises:
         ValueError: wrong ranks, batch/time/classes sizes that disagree, conflicting flags,
             `label_smoothing` outside `[0, 1]` or with `softmax_loss_function`, `padding_id` with
-            probability targets or outside the targets' dtype, ragged inputs under XLA. Where sizes or
-            values are only known at run time (lengths outside `[0, time]`), a mismatch raises
-            `tf.errors.InvalidArgumentError` when the graph runs.
+            probability targets or outside the targets' dtype, ragged inputs under XLA.
         TypeError: non-float `logits` or `weights`, non-integer sparse `targets`, `lengths` or
             `padding_id`, a `label_smoothing` that is not a number, or a `softmax_loss_function` that
             cannot be called with `labels=` and `logits=` keywords.
+        tf.errors.InvalidArgumentError: when the graph runs, for what is only known then: sizes that
+            disagree, `lengths` outside `[0, time]`, a tensor `label_smoothing` outside `[0, 1]`, a
+            tensor `normalizer` that is not positive (not under XLA, which compiles these asserts away).
 
     Example:
 
@@ -186,6 +187,19 @@ def compute_sequence_loss(logits, targets, options: LossOptions, *, weights=None
     The path every public face of the loss takes (the function, `SequenceLoss`, `SequenceLossLayer`):
     inputs are checked, every padding route becomes one set of token weights (`_padding.token_weights`),
     `_cross_entropy` weighs the per-token loss, and `_options.reduce_tokens` reduces it as the flags say.
+
+    Args:
+        logits: as in `sequence_loss` (probabilities with `options.from_logits` False); may be ragged.
+        targets: as in `sequence_loss`; may be ragged.
+        options: the checked options.
+        weights: contrib's `[batch, time]` float weights, or None.
+        sample_weight: Keras' weights (a scalar, `[batch]`, `[batch, time]` or `[batch, time, 1]`), or None.
+        lengths: `[batch]` integer lengths, or None.
+        mask: a `[batch, time]` Keras mask, or None.
+        probability_epsilon: the clipping bound of probabilities (`options.from_logits` False).
+
+    Returns:
+        The loss reduced as `options`' flags say, as `sequence_loss` returns it.
     """
     tokens = token_losses(logits, targets, options, weights=weights, sample_weight=sample_weight,
                           lengths=lengths, mask=mask, probability_epsilon=probability_epsilon)
@@ -207,6 +221,20 @@ def token_losses(logits, targets, options: LossOptions, *, weights=None, sample_
 
     With `options.from_logits` False, `logits` are probabilities, as Keras' cross-entropies take them with
     `from_logits=False`, clipped to `[probability_epsilon, 1 - probability_epsilon]`.
+
+    Args:
+        logits: as in `compute_sequence_loss`.
+        targets: as in `compute_sequence_loss`.
+        options: as in `compute_sequence_loss`.
+        weights: as in `compute_sequence_loss`.
+        sample_weight: as in `compute_sequence_loss`.
+        lengths: as in `compute_sequence_loss`.
+        mask: as in `compute_sequence_loss`.
+        probability_epsilon: as in `compute_sequence_loss`.
+
+    Returns:
+        A `TokenLosses`: `weighted` and `weights` (`[batch, time]`, all ones where nothing marks padding),
+            and the dense, checked `logits` and `targets`.
     """
     ragged = _padding.densify_ragged(logits, targets, weights)
     logits = tf.convert_to_tensor(ragged.logits, name="logits")

@@ -26,6 +26,18 @@ class Reduction:
       the number of non-zero weights. TF1's default.
 
     Every division is `divide_no_nan`: all-zero weights give 0.
+
+    Example:
+
+    >>> import tf_seqloss
+    >>> losses, weights = [1.0, 2.0, 3.0, 6.0], [1.0, 0.0, 1.0, 0.0]
+    >>> for key in (tf_seqloss.Reduction.SUM, tf_seqloss.Reduction.MEAN,
+    ...             tf_seqloss.Reduction.SUM_OVER_BATCH_SIZE, tf_seqloss.Reduction.SUM_BY_NONZERO_WEIGHTS):
+    ...     print(key, float(tf_seqloss.compute_weighted_loss(losses, weights, reduction=key)))
+    weighted_sum 4.0
+    weighted_mean 2.0
+    weighted_sum_over_batch_size 1.0
+    weighted_sum_by_nonzero_weights 2.0
     """
 
     NONE = "none"
@@ -37,10 +49,38 @@ class Reduction:
 
     @classmethod
     def all(cls) -> tuple[str, ...]:
+        """Returns every reduction key, the alias `SUM_OVER_NONZERO_WEIGHTS` counted once.
+
+        Returns:
+            A tuple of the five key strings.
+
+        Example:
+
+        >>> import tf_seqloss
+        >>> tf_seqloss.Reduction.all()
+        ('none', 'weighted_sum', 'weighted_mean', 'weighted_sum_over_batch_size', 'weighted_sum_by_nonzero_weights')
+        """
         return (cls.NONE, cls.SUM, cls.MEAN, cls.SUM_OVER_BATCH_SIZE, cls.SUM_BY_NONZERO_WEIGHTS)
 
     @classmethod
     def validate(cls, key: str) -> None:
+        """Raises unless `key` is one of `Reduction.all()`.
+
+        Args:
+            key: the reduction to check.
+
+        Raises:
+            ValueError: `key` is not a reduction key.
+
+        Example:
+
+        >>> import tf_seqloss
+        >>> tf_seqloss.Reduction.validate("weighted_mean")   # a key: nothing happens
+        >>> tf_seqloss.Reduction.validate("mean")
+        Traceback (most recent call last):
+        ...
+        ValueError: Invalid value for argument `reduction`. Expected one of (...). Received: reduction='mean'
+        """
         if key not in cls.all():
             raise ValueError(_checks.invalid_value("reduction", f"one of {cls.all()}", repr(key)))
 
@@ -72,13 +112,24 @@ def softmax_cross_entropy(
 
     Returns:
         The weighted loss: the shape of the per-example losses for `Reduction.NONE`, else a scalar. Its
-        dtype is float32 for half-precision logits and the logits' dtype otherwise (TF1 reduced in
-        float32 and cast back; here float64 stays float64 throughout).
+            dtype is float32 for half-precision logits and the logits' dtype otherwise (TF1 reduced in
+            float32 and cast back; here float64 stays float64 throughout).
 
     Raises:
         ValueError: `onehot_labels`, `logits` or `weights` is None, the shapes of `logits` and
             `onehot_labels` differ, `weights` is not broadcastable to the losses, `label_smoothing` is
             outside `[0, 1]`, or `reduction` is not a `Reduction` key.
+        TypeError: non-float `logits`.
+
+    Example:
+
+    >>> import numpy as np, tf_seqloss
+    >>> labels = np.eye(4, dtype="float32")[[1, 2]]         # one-hot, 2 examples
+    >>> logits = np.zeros([2, 4], "float32")                # uniform over 4 classes
+    >>> round(float(tf_seqloss.softmax_cross_entropy(labels, logits)), 4)   # log(4)
+    1.3863
+    >>> tf_seqloss.softmax_cross_entropy(labels, logits, reduction=tf_seqloss.Reduction.NONE).shape
+    TensorShape([2])
     """
     del loss_collection
     if onehot_labels is None:
@@ -140,6 +191,14 @@ def sparse_softmax_cross_entropy(
         ValueError: `labels`, `logits` or `weights` is None, their shapes are incompatible, or `reduction`
             is not a `Reduction` key.
         TypeError: non-integer `labels` or non-float `logits`.
+
+    Example:
+
+    >>> import numpy as np, tf_seqloss
+    >>> logits = np.zeros([2, 4], "float32")                # uniform over 4 classes
+    >>> loss = tf_seqloss.sparse_softmax_cross_entropy(np.array([1, 2]), logits, weights=[1.0, 0.0])
+    >>> round(float(loss), 4)   # log(4): the mean over the one non-zero weight
+    1.3863
     """
     del loss_collection
     if labels is None:
@@ -173,7 +232,30 @@ def sparse_softmax_cross_entropy(
 def compute_weighted_loss(losses: TensorLike, weights: TensorLike = 1.0, scope: Optional[str] = None,
                           loss_collection: Optional[str] = "losses",
                           reduction: str = Reduction.SUM_BY_NONZERO_WEIGHTS) -> tf.Tensor:
-    """Returns `losses * weights` reduced by `reduction`, as `tf.compat.v1.losses.compute_weighted_loss`."""
+    """Returns `losses * weights` reduced by `reduction`, as `tf.compat.v1.losses.compute_weighted_loss`.
+
+    Args:
+        losses: float per-example losses, any shape.
+        weights: coefficients of the losses: a scalar, or a tensor of the rank of `losses` with each
+            dimension 1 or equal to that of `losses`.
+        scope: name scope of the operations.
+        loss_collection: accepted for signature compatibility and ignored: TF2 has no graph collections.
+        reduction: a `Reduction` key.
+
+    Returns:
+        The weighted losses, of the shape of `losses`, for `Reduction.NONE`; else a scalar, in the dtype
+            of `losses`.
+
+    Raises:
+        ValueError: `weights` is None or not broadcastable to `losses`, or `reduction` is not a
+            `Reduction` key.
+
+    Example:
+
+    >>> import tf_seqloss
+    >>> float(tf_seqloss.compute_weighted_loss([1.0, 2.0, 3.0], [1.0, 0.0, 1.0]))   # (1 + 3) / 2 weights
+    2.0
+    """
     del loss_collection
     Reduction.validate(reduction)
     with tf.name_scope(scope or "weighted_loss"):

@@ -1,4 +1,20 @@
-"""The `tf-seqloss-upgrade` command line: a diff (or, with `--write`, the files rewritten), a report, a summary."""
+"""The `tf-seqloss-upgrade` command line: a diff (or, with `--write`, the files rewritten), a report, a summary.
+
+Usage:
+
+```text
+tf-seqloss-upgrade [-h] [--write] [--contrib-version {1.4,1.15}] PATH [PATH ...]
+python -m tf_seqloss_upgrade ...      # the same command
+```
+
+`PATH` is a Python file, a notebook or a folder searched for both. Without `--write` the command
+changes nothing and prints a unified diff on standard output (apply it with `patch -p1`); with `--write`
+it rewrites each changed file atomically. It prints a report on standard error, one
+`path:line:col: LEVEL: message` line per finding, then a one-line summary, and exits with 0 when nothing
+was refused, 1 when something was, and 2 for a bad command line or when it found nothing to look at.
+`tf-seqloss-upgrade --help` prints all of this, with examples. Needs the `upgrade` extra
+(`pip install "tf_seqloss[upgrade]"`).
+"""
 
 from __future__ import annotations
 
@@ -43,6 +59,22 @@ site-packages, node_modules, build/dist output and symbolic links.
 Exit status: 0 when nothing was refused, 1 when something was, 2 for a bad command line or when no
 Python file or notebook was found."""
 
+_EPILOG = """examples:
+  tf-seqloss-upgrade train.py                    print the diff of one file, change nothing
+  tf-seqloss-upgrade src/ notebooks/ > up.diff   the diff of every *.py and *.ipynb under two folders
+  patch -p1 < up.diff                            apply that diff (it reproduces --write exactly)
+  tf-seqloss-upgrade --write src/                rewrite the files in place
+  tf-seqloss-upgrade --contrib-version 1.4 old/  code written for TensorFlow 1.4 to 1.13
+  python -m tf_seqloss_upgrade --write src/      the same command, without the console script
+
+What is rewritten, with its imports: tf.contrib.seq2seq.sequence_loss to tf_seqloss.sequence_loss;
+tfa.seq2seq.sequence_loss and tfa.seq2seq.SequenceLoss to tf_seqloss.compat.tfa (TFA 0.23's semantics);
+tf.losses / tf.compat.v1.losses softmax_cross_entropy, sparse_softmax_cross_entropy,
+compute_weighted_loss and Reduction to tf_seqloss's TF1 family. A call that cannot be translated exactly
+(e.g. contrib.legacy_seq2seq.sequence_loss, which takes lists of per-step tensors) is left unchanged with
+an ERROR line saying why.
+Needs the upgrade extra: pip install "tf_seqloss[upgrade]"."""
+
 
 @dataclasses.dataclass
 class _Tally:
@@ -55,8 +87,39 @@ class _Tally:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Runs the command on `argv` (default `sys.argv[1:]`) and returns its exit status."""
-    parser = argparse.ArgumentParser(prog=PROG, description=_DESCRIPTION,
+    """Runs the command on `argv` (default `sys.argv[1:]`) and returns its exit status.
+
+    Args:
+        argv: the command-line arguments, without the program name; `None` reads `sys.argv[1:]`.
+
+    Returns:
+        The exit status: `EXIT_OK` (0) when nothing was refused, `EXIT_REFUSED` (1) when a call was left
+            unchanged or a file could not be read, parsed or written, `EXIT_USAGE` (2) when no Python
+            file or notebook was found.
+
+    Raises:
+        SystemExit: for `--help` (status 0) and a bad command line (status 2), as `argparse` does.
+
+    Example:
+
+    >>> import pathlib, tempfile
+    >>> from tf_seqloss_upgrade import main
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "model.py"
+    >>> _ = path.write_text("import tensorflow_addons as tfa\\n"
+    ...                     "loss = tfa.seq2seq.sequence_loss(logits, targets, weights)\\n")
+    >>> main([str(path)])   # the diff on standard output; the report and summary go to standard error
+    --- a/.../model.py
+    +++ b/.../model.py
+    @@ -1,2 +1,3 @@
+    -import tensorflow_addons as tfa
+    -loss = tfa.seq2seq.sequence_loss(logits, targets, weights)
+    +import tf_seqloss.compat.tfa
+    +
+    +loss = tf_seqloss.compat.tfa.sequence_loss(logits, targets, weights)
+    0
+    >>> import shutil; shutil.rmtree(path.parent)
+    """
+    parser = argparse.ArgumentParser(prog=PROG, description=_DESCRIPTION, epilog=_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="Python files and notebooks, or folders to search for *.py and *.ipynb")

@@ -49,9 +49,39 @@ def sequence_loss(
     the table of what the flags give. `softmax_loss_function` is called as
     `softmax_loss_function(labels=..., logits=...)`, as TFA required.
 
+    Args:
+        logits: `[batch, time, classes]` float logits.
+        targets: `[batch, time]` integer class ids, or `[batch, time, classes]` probabilities.
+        weights: `[batch, time]` float weights (TFA required them; `None` here means all ones).
+        average_across_timesteps: divide the sum over time by the summed weights over time.
+        average_across_batch: divide the sum over the batch by the summed weights over the batch.
+        sum_over_timesteps: reduce over time, dividing by the number of non-zero weights.
+        sum_over_batch: reduce over the batch, dividing by the number of non-zero weights.
+        softmax_loss_function: a replacement per-token loss, as in `tf_seqloss.sequence_loss`.
+        name: name scope of the operations.
+
+    Returns:
+        The reduced loss, as `tf_seqloss.sequence_loss` returns it for the flags: `[]` for the defaults.
+
     Raises:
         ValueError: with TFA's own messages, for `logits` not of rank 3, `targets` not of rank 2 or 3,
-            `weights` not of rank 2, and conflicting flags (e.g. "... because of ambiguous order").
+            `weights` not of rank 2, and conflicting flags (e.g. "... because of ambiguous order"); then
+            as `tf_seqloss.sequence_loss`, e.g. for sizes that disagree.
+        TypeError: as `tf_seqloss.sequence_loss`, for inputs of the wrong dtype.
+
+    Example:
+
+    Migrating is changing the import; the call stays as it was:
+
+    >>> import numpy as np
+    >>> from tf_seqloss.compat import tfa    # was: import tensorflow_addons as tfa
+    >>> logits = np.zeros([2, 3, 4], "float32")               # uniform over 4 classes
+    >>> targets = np.array([[1, 2, 0], [3, 0, 0]])
+    >>> weights = np.array([[1, 1, 1], [1, 0, 0]], "float32")
+    >>> round(float(tfa.sequence_loss(logits, targets, weights)), 4)   # was: tfa.seq2seq.sequence_loss
+    1.3863
+    >>> tfa.sequence_loss(logits, targets, weights, average_across_batch=False).shape   # [batch]
+    TensorShape([2])
     """
     logits, targets, weights = _check(logits, targets, weights, average_across_timesteps,
                                       average_across_batch, sum_over_timesteps, sum_over_batch)
@@ -124,6 +154,13 @@ class SequenceLoss(_keras.losses.Loss):
         sum_over_batch: as in `sequence_loss`; default True.
         softmax_loss_function: as in `sequence_loss`.
         name: the loss's name.
+        **kwargs: passed to `keras.losses.Loss`; a `reduction` (which `from_config` passes back) is
+            ignored: the loss always returns what the flags leave, as TFA's did.
+
+    Raises:
+        TypeError: a flag that is not a bool, a `softmax_loss_function` that is not callable, or a `name`
+            that is not a string.
+        ValueError: when called, with TFA's messages, as `sequence_loss` (conflicting flags, wrong ranks).
 
     Example:
 
@@ -169,6 +206,29 @@ class SequenceLoss(_keras.losses.Loss):
 
     @tf.autograph.experimental.do_not_convert
     def __call__(self, y_true, y_pred, sample_weight=None):
+        """Returns `sequence_loss(y_pred, y_true, sample_weight, **flags)`, of whatever rank the flags leave.
+
+        Args:
+            y_true: `[batch, time]` integer class ids, or `[batch, time, classes]` probabilities.
+            y_pred: `[batch, time, classes]` float logits.
+            sample_weight: `[batch, time]` float weights; `None` means all ones.
+
+        Returns:
+            The loss reduced by the flags only (no Keras reduction): `[]` for the defaults.
+
+        Raises:
+            ValueError: as `sequence_loss`, with TFA's messages.
+            TypeError: as `tf_seqloss.sequence_loss`, for inputs of the wrong dtype.
+
+        Example:
+
+        >>> import numpy as np
+        >>> from tf_seqloss.compat import tfa
+        >>> loss = tfa.SequenceLoss(sum_over_batch=False)       # per time step
+        >>> targets, weights = np.array([[1, 2], [3, 0]]), np.array([[1, 1], [1, 0]], "float32")
+        >>> np.round(loss(targets, np.zeros([2, 2, 4], "float32"), weights).numpy(), 4)
+        array([1.3863, 1.3863], dtype=float32)
+        """
         # TFA's own override: Keras' `Loss.__call__` multiplies `sample_weight` in after `call` and divides
         # by a count, which cannot give the flags' ratios; the weights belong inside the reduction.
         return sequence_loss(
@@ -185,10 +245,27 @@ class SequenceLoss(_keras.losses.Loss):
 
     @tf.autograph.experimental.do_not_convert
     def call(self, y_true, y_pred):
-        """Returns the loss without sample weights (all ones), reduced by the flags."""
+        """Returns the loss without sample weights (all ones), reduced by the flags.
+
+        Args:
+            y_true: as in `__call__`.
+            y_pred: as in `__call__`.
+
+        Returns:
+            `self(y_true, y_pred)`.
+
+        Raises:
+            ValueError: as `__call__`.
+            TypeError: as `__call__`.
+        """
         return self(y_true, y_pred)
 
     def get_config(self) -> dict:
+        """Returns the loss's config: `name`, the flags and `softmax_loss_function`.
+
+        Returns:
+            A dict that `from_config` rebuilds the loss from.
+        """
         config = super().get_config()
         config.update(
             average_across_timesteps=self.average_across_timesteps,
@@ -202,6 +279,18 @@ class SequenceLoss(_keras.losses.Loss):
 
     @classmethod
     def from_config(cls, config: dict) -> "SequenceLoss":
+        """Returns a loss built from `get_config()`'s dict, deserialising `softmax_loss_function` with Keras.
+
+        Args:
+            config: a dict from `get_config()`.
+
+        Returns:
+            A new `tf_seqloss.compat.tfa.SequenceLoss`.
+
+        Raises:
+            ValueError: Keras cannot deserialise `softmax_loss_function`.
+            TypeError: a config value of the wrong type, as the constructor says.
+        """
         config = dict(config)
         function = config.get("softmax_loss_function")
         if function is not None:
