@@ -8,7 +8,7 @@ subclassed models, under Keras 3 and tf_keras, and are registered for `.keras` s
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import tensorflow as tf
@@ -16,7 +16,7 @@ import tensorflow as tf
 from tf_seqloss import _checks, _distribute, _keras, _linear_head
 from tf_seqloss._keras import keras
 from tf_seqloss._keras_loss import SequenceLoss, reduced_loss
-from tf_seqloss._options import FIELDS, FLAGS, LossOptions, expose, for_add_loss, refuse
+from tf_seqloss._options import FIELDS, FLAGS, LossOptions, expose, for_add_loss, refuse, soft_cap
 
 
 @keras.saving.register_keras_serializable(package="tf_seqloss")
@@ -91,8 +91,8 @@ class SequenceLossLayer(keras.layers.Layer):
 
     Args:
         average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
-        softmax_loss_function, padding_id, label_smoothing, z_loss, epsilon, implementation, reduction,
-        from_logits: as in `tf_seqloss.SequenceLoss` (same defaults), except that `reduction` must give a
+        softmax_loss_function, padding_id, label_smoothing, z_loss, logit_soft_cap, epsilon, implementation,
+        reduction, from_logits: as in `tf_seqloss.SequenceLoss` (same defaults), except that `reduction` must give a
             scalar (`"sum_over_batch_size"`, `"sum"`; Keras 3 also `"mean"`, `"mean_with_sample_weight"`,
             tf_keras `"auto"`), as for `FusedLinearHead`. With `from_logits=False`, `logits` are
             probabilities (the output of a softmax), and the layer returns them unchanged.
@@ -137,8 +137,9 @@ class SequenceLossLayer(keras.layers.Layer):
         normalizer=None,
         from_logits: bool = True,
         z_loss: float = 0.0,
+        logit_soft_cap: Optional[float] = None,
         **kwargs,
-    ):
+    ) -> None:
         _keras.check_scalar_reduction(reduction, "SequenceLossLayer")
         _check_layer_dtype(kwargs, "SequenceLossLayer")
         kwargs.setdefault("autocast", False)
@@ -149,7 +150,7 @@ class SequenceLossLayer(keras.layers.Layer):
             average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
             softmax_loss_function, padding_id=padding_id, label_smoothing=label_smoothing,
             epsilon=epsilon, implementation=implementation, reduction=reduction, normalizer=normalizer,
-            from_logits=from_logits, z_loss=z_loss, name=self.name + "_loss",
+            from_logits=from_logits, z_loss=z_loss, logit_soft_cap=logit_soft_cap, name=self.name + "_loss",
         )
         # The options live in the loss object only; the layer's option attributes read them (`expose`).
         self._options = self._sequence_loss._options
@@ -189,7 +190,7 @@ class SequenceLossLayer(keras.layers.Layer):
 
 
 # The options of `FusedLinearHead`: those of `linear_sequence_loss`.
-_HEAD_OPTIONS = FLAGS + ("padding_id", "label_smoothing", "z_loss", "epsilon", "normalizer")
+_HEAD_OPTIONS = FLAGS + ("padding_id", "label_smoothing", "z_loss", "logit_soft_cap", "epsilon", "normalizer")
 # The options of `SequenceLossLayer` the head has no meaning for, and why.
 _NOT_HEAD_OPTIONS = {
     "from_logits": "the head computes the logits itself, so its loss never takes probabilities",
@@ -229,6 +230,9 @@ class FusedLinearHead(keras.layers.Layer):
             is TFA's class default.
         padding_id, label_smoothing, z_loss, epsilon, chunk_size: keyword-only; as in
             `linear_sequence_loss`.
+        logit_soft_cap: keyword-only. As in `linear_sequence_loss`: `None`, or a positive finite `cap`;
+            the training loss is that of the logits `cap * tanh(logits / cap)`, and inference returns
+            the capped logits (and `top_k` ranks them; the cap keeps their order).
         normalizer: keyword-only. As in `tf_seqloss.SequenceLossLayer`: a Python number or `"global"`
             (the exact token mean over the replicas of a `tf.distribute` strategy).
         top_k: keyword-only. `None` (default): inference returns the logits; an int `k`: it returns
@@ -266,13 +270,14 @@ class FusedLinearHead(keras.layers.Layer):
         padding_id: Optional[int] = None,
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
+        logit_soft_cap: Optional[float] = None,
         epsilon: Optional[float] = None,
         chunk_size: Optional[int] = None,
         top_k: Optional[int] = None,
         reduction: str = "sum_over_batch_size",
-        normalizer=None,
+        normalizer: Optional[Union[str, float]] = None,
         **kwargs,
-    ):
+    ) -> None:
         for option, reason in _NOT_HEAD_OPTIONS.items():
             if option in kwargs:
                 refuse("FusedLinearHead", option, kwargs[option], "no such argument", reason)
@@ -286,7 +291,7 @@ class FusedLinearHead(keras.layers.Layer):
         self._options = LossOptions(  # a tensor option cannot be saved in the config
             average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
             label_smoothing=label_smoothing, z_loss=z_loss, normalizer=normalizer, epsilon=epsilon,
-            padding_id=padding_id, allow_tensors=False)
+            padding_id=padding_id, logit_soft_cap=logit_soft_cap, allow_tensors=False)
         self.units = units
         if not isinstance(use_bias, (bool, np.bool_)):  # `bool("False")` is True: refuse rather than guess.
             raise TypeError(_checks.invalid_value("use_bias", "True or False (a Python or NumPy bool)", repr(use_bias)))
@@ -316,6 +321,7 @@ class FusedLinearHead(keras.layers.Layer):
             logits = tf.tensordot(hidden, kernel, axes=[[hidden.shape.rank - 1], [0]])
             if bias is not None:
                 logits += bias
+            logits = soft_cap(logits, self.logit_soft_cap)
             if self.top_k is None:
                 return logits
             values, ids = tf.math.top_k(logits, k=self.top_k)
