@@ -220,9 +220,24 @@ class FusedLinearHead(keras.layers.Layer):
     `hidden` (e.g. from `Embedding(mask_zero=True)`), multiplied together. Flags leaving a non-scalar loss
     are averaged (`reduction="sum_over_batch_size"`) or summed (`reduction="sum"`).
 
+    Tied to a token embedding (GPT-2, Gemma, Llama): `FusedLinearHead(vocab, embedding=embedding_layer)`
+    creates no kernel and uses the embedding's `[classes, features]` variable as it is
+    (`transpose_kernel=True`): `head.kernel` IS `embedding_layer.embeddings`, so training moves one
+    variable, fed by both the lookup and the head. `embedding_layer` is a `keras.layers.Embedding`, a
+    `keras.layers.ReversibleEmbedding` (Keras 3), keras-hub's `ReversibleEmbedding`, or any layer whose
+    `embeddings` variable is `[classes, features]`; use it for the token lookup as usual. The head saves
+    the embedding in its config; saving the model (`model.save("...keras")`, either Keras) shares the
+    one layer between the model and the head, so the loaded model keeps the tie. (A bare
+    `from_config(get_config())` outside saving, e.g. `keras.models.clone_model`, makes a second
+    embedding.)
+
+    Under a mixed-precision policy (`dtype="mixed_bfloat16"`, or the global policy) the head casts
+    `hidden` and its float32 variables (or the tied embedding) to the compute dtype, as Keras layers do;
+    the training loss (log-sum-exp, cross-entropy) is computed in float32 from those rounded values.
+
     Args:
-        units: the number of classes.
-        use_bias: whether the projection has a bias.
+        units: the number of classes (with `embedding`, `None` takes it from the embedding's `input_dim`).
+        use_bias: whether the projection has a bias (GPT-2's tied head has none: pass False).
         kernel_initializer, bias_initializer: Keras initializers of the kernel and bias.
         average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch: keyword-only;
             the contrib flags, as in `tf_seqloss.SequenceLoss`: an unset (`None`) averaging flag is True
@@ -240,6 +255,9 @@ class FusedLinearHead(keras.layers.Layer):
         reduction: keyword-only. As in `tf_seqloss.SequenceLossLayer`: `"sum_over_batch_size"`
             (default) or another mean reduction of the running Keras averages a non-scalar loss, `"sum"`
             sums it.
+        embedding: keyword-only. `None` (default): the head owns a `[features, units]` kernel. A layer
+            with a `[units, features]` `embeddings` variable: the head is tied to it (see above), and
+            `kernel_initializer` is unused.
         **kwargs: passed to `keras.layers.Layer` (`name`, `dtype`, ...); `dtype` must be floating (the
             kernel's), e.g. `"float32"` or `"mixed_bfloat16"`.
 
@@ -254,14 +272,29 @@ class FusedLinearHead(keras.layers.Layer):
     trainer.compile(optimizer="adam")
     predictor = keras.Model(tokens, head(hidden))                     # the same weights, logits
     ```
+
+    Tied to the input embedding, with Gemma's soft-capping:
+
+    >>> import numpy as np, tf_seqloss
+    >>> from tf_seqloss._keras import keras
+    >>> embedding = keras.layers.Embedding(50, 8)
+    >>> head = tf_seqloss.FusedLinearHead(50, use_bias=False, embedding=embedding, logit_soft_cap=30.0)
+    >>> tokens = keras.Input((None,), dtype="int32")
+    >>> targets = keras.Input((None,), dtype="int32")
+    >>> hidden = keras.layers.Dense(8)(embedding(tokens))
+    >>> trainer = keras.Model([tokens, targets], head(hidden, targets))
+    >>> trainer.count_params()  # 50 x 8 embedding, shared; 8 x 8 + 8 Dense; no head kernel
+    472
+    >>> head.kernel is embedding.embeddings
+    True
     """
 
     def __init__(
         self,
-        units: int,
+        units: Optional[int],
         use_bias: bool = True,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
+        kernel_initializer: Union[str, dict, Callable] = "glorot_uniform",
+        bias_initializer: Union[str, dict, Callable] = "zeros",
         *,
         average_across_timesteps: Optional[bool] = None,
         average_across_batch: Optional[bool] = None,
@@ -276,6 +309,7 @@ class FusedLinearHead(keras.layers.Layer):
         top_k: Optional[int] = None,
         reduction: str = "sum_over_batch_size",
         normalizer: Optional[Union[str, float]] = None,
+        embedding: Optional["keras.layers.Layer"] = None,
         **kwargs,
     ) -> None:
         for option, reason in _NOT_HEAD_OPTIONS.items():
@@ -283,6 +317,14 @@ class FusedLinearHead(keras.layers.Layer):
                 refuse("FusedLinearHead", option, kwargs[option], "no such argument", reason)
         _check_layer_dtype(kwargs, "FusedLinearHead", floating=True)
         super().__init__(**kwargs)
+        if isinstance(embedding, dict):  # from a config: `from_config` deserialises it, a direct call too
+            embedding = keras.saving.deserialize_keras_object(embedding)
+        if embedding is not None and not isinstance(embedding, keras.layers.Layer):
+            raise TypeError(_checks.invalid_value(
+                "embedding", "None or a Keras layer with a `[classes, features]` `embeddings` variable "
+                "(e.g. `keras.layers.Embedding`)", f"{embedding!r} of type {type(embedding).__name__}"))
+        if units is None and embedding is not None and isinstance(getattr(embedding, "input_dim", None), int):
+            units = embedding.input_dim
         if isinstance(units, bool) or not isinstance(units, int) or units < 1:
             raise ValueError(_checks.invalid_value("units", "a positive int (the number of classes)", repr(units)))
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= units):
@@ -302,23 +344,50 @@ class FusedLinearHead(keras.layers.Layer):
         self.top_k = top_k
         self.reduction = reduction
         self.supports_masking = True
+        self.embedding = embedding  # tracked: its variable is the head's kernel, `[units, features]`
 
     def build(self, hidden_shape, *args, **kwargs):
         features = tuple(hidden_shape)[-1]
-        if features is None:
-            raise ValueError("The last axis of `hidden` (features) must be known to build `FusedLinearHead`. "
-                             f"Received: hidden.shape={tuple(hidden_shape)}")
-        self.kernel = self.add_weight(name="kernel", shape=(features, self.units),
-                                      initializer=self.kernel_initializer)
+        if self.embedding is not None:
+            self.kernel = self._tied_kernel(features)
+        else:
+            if features is None:
+                raise ValueError("The last axis of `hidden` (features) must be known to build `FusedLinearHead`. "
+                                 f"Received: hidden.shape={tuple(hidden_shape)}")
+            self.kernel = self.add_weight(name="kernel", shape=(features, self.units),
+                                          initializer=self.kernel_initializer)
         self.bias = self.add_weight(name="bias", shape=(self.units,), initializer=self.bias_initializer) \
             if self.use_bias else None
         self.built = True
 
+    def _tied_kernel(self, features):
+        """Returns the tied embedding's `embeddings` variable after checking it is `[units, features]`."""
+        embedding = self.embedding
+        if not embedding.built:
+            embedding.build((None, None))  # an embedding's variable does not depend on the ids' shape
+        variable = getattr(embedding, "embeddings", None)
+        shape = None if variable is None else tuple(variable.shape)
+        if shape is None or len(shape) != 2 or shape[0] != self.units or (features is not None
+                                                                          and shape[1] != features):
+            raise ValueError(_checks.invalid_value(
+                "embedding", f"a layer whose `embeddings` variable is [units, features] = [{self.units}, "
+                f"{features}] (the head reads it as a [classes, features] kernel)",
+                f"{embedding.name!r} with embeddings.shape={shape}", owner="FusedLinearHead"))
+        return variable
+
     def call(self, hidden, targets=None, weights=None, lengths=None, mask=None):
+        hidden = tf.convert_to_tensor(hidden)
         kernel = tf.convert_to_tensor(self.kernel)
         bias = None if self.bias is None else tf.convert_to_tensor(self.bias)
+        # Under a mixed-precision policy: float32 variables in the compute dtype of `hidden`, as Keras does
+        # (a tied embedding is another layer's variable, which this layer's autocast may not reach).
+        if hidden.dtype in (tf.float16, tf.bfloat16):
+            kernel = tf.cast(kernel, hidden.dtype)
+            bias = None if bias is None else tf.cast(bias, hidden.dtype)
+        tied = self.embedding is not None
         if targets is None:
-            logits = tf.tensordot(hidden, kernel, axes=[[hidden.shape.rank - 1], [0]])
+            # A tied `[classes, features]` kernel is contracted on its features axis: no transposed copy.
+            logits = tf.tensordot(hidden, kernel, axes=[[hidden.shape.rank - 1], [1 if tied else 0]])
             if bias is not None:
                 logits += bias
             logits = soft_cap(logits, self.logit_soft_cap)
@@ -334,7 +403,7 @@ class FusedLinearHead(keras.layers.Layer):
         _warn_about_logged_global_loss(self)
         loss, log_sum_exp = _linear_head.compute_linear_sequence_loss(
             hidden, kernel, targets, self._options, bias=bias, weights=weights, lengths=lengths, mask=mask,
-            chunk_size=self.chunk_size, return_log_sum_exp=True)
+            chunk_size=self.chunk_size, return_log_sum_exp=True, transpose_kernel=tied)
         self.add_loss(for_add_loss(loss, self._options, self.reduction))
         return log_sum_exp
 
@@ -359,7 +428,18 @@ class FusedLinearHead(keras.layers.Layer):
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
             **self._options.config(*_HEAD_OPTIONS),
             chunk_size=self.chunk_size, top_k=self.top_k, reduction=self.reduction)
+        if self.embedding is not None:
+            # Saved whole; within a model's saving, Keras records a layer met twice (here and in the
+            # model) once, and loading gives both places the same layer: the tie survives.
+            config["embedding"] = keras.saving.serialize_keras_object(self.embedding)
         return config
+
+    @classmethod
+    def from_config(cls, config: dict) -> "FusedLinearHead":
+        config = dict(config)
+        if isinstance(config.get("embedding"), dict):
+            config["embedding"] = keras.saving.deserialize_keras_object(config["embedding"])
+        return cls(**config)
 
 
 def _warn_about_logged_global_loss(layer) -> None:
