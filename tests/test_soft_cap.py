@@ -231,3 +231,16 @@ def test_sampled_loss_takes_a_transposed_kernel_as_is():
     transposed = tf_seqloss.sampled_sequence_loss(x["hidden"], tf.transpose(x["kernel"]), x["targets"],
                                                   transpose_kernel=True, **common)
     np.testing.assert_allclose(transposed.numpy(), plain.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [tf_seqloss.sequence_loss, tf_seqloss.linear_sequence_loss,
+                                tf_seqloss.sampled_sequence_loss, tf_seqloss.SequenceLoss.__init__,
+                                tf_seqloss.SequenceLossLayer.__init__, tf_seqloss.FusedLinearHead.__init__,
+                                tf_seqloss.FusedLinearHead.call], ids=lambda f: f.__qualname__)
+def test_entry_points_annotate_every_parameter_and_the_return(fn):
+    import inspect
+    signature = inspect.signature(fn)
+    missing = [name for name, p in signature.parameters.items()
+               if name != "self" and p.kind != p.VAR_KEYWORD and p.annotation is p.empty]
+    assert missing == [] and signature.return_annotation is not signature.empty, missing
+    assert "logit_soft_cap" in signature.parameters or fn is tf_seqloss.FusedLinearHead.call

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import tensorflow as tf
 from tensorflow.types.experimental import TensorLike
@@ -143,10 +143,10 @@ class SequenceLoss(keras.losses.Loss):
         label_smoothing: float = 0.0,
         epsilon: Optional[float] = None,
         implementation: str = "auto",
-        reduction="sum_over_batch_size",
+        reduction: Optional[str] = "sum_over_batch_size",
         name: Optional[str] = None,
-        dtype=None,
-        normalizer=None,
+        dtype: Optional[Union[str, Any]] = None,
+        normalizer: Optional[Union[str, float]] = None,
         from_logits: bool = True,
         z_loss: float = 0.0,
         logit_soft_cap: Optional[float] = None,

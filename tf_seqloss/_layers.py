@@ -8,10 +8,11 @@ subclassed models, under Keras 3 and tf_keras, and are registered for `.keras` s
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.types.experimental import TensorLike
 
 from tf_seqloss import _checks, _distribute, _keras, _linear_head
 from tf_seqloss._keras import keras
@@ -133,8 +134,8 @@ class SequenceLossLayer(keras.layers.Layer):
         label_smoothing: float = 0.0,
         epsilon: Optional[float] = None,
         implementation: str = "auto",
-        reduction="sum_over_batch_size",
-        normalizer=None,
+        reduction: str = "sum_over_batch_size",
+        normalizer: Optional[Union[str, float]] = None,
         from_logits: bool = True,
         z_loss: float = 0.0,
         logit_soft_cap: Optional[float] = None,
@@ -375,7 +376,14 @@ class FusedLinearHead(keras.layers.Layer):
                 f"{embedding.name!r} with embeddings.shape={shape}", owner="FusedLinearHead"))
         return variable
 
-    def call(self, hidden, targets=None, weights=None, lengths=None, mask=None):
+    def call(
+        self,
+        hidden: TensorLike,
+        targets: Optional[TensorLike] = None,
+        weights: Optional[TensorLike] = None,
+        lengths: Optional[TensorLike] = None,
+        mask: Optional[TensorLike] = None,
+    ) -> Union[tf.Tensor, Tuple[tf.Tensor, tf.Tensor]]:
         hidden = tf.convert_to_tensor(hidden)
         kernel = tf.convert_to_tensor(self.kernel)
         bias = None if self.bias is None else tf.convert_to_tensor(self.bias)
