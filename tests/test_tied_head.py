@@ -160,3 +160,28 @@ def test_an_embedding_of_the_wrong_shape_is_refused_naming_the_argument():
         head(tf.zeros([1, 2, FEATURES]))
     with pytest.raises(TypeError, match=r"Invalid value for argument `embedding`.*Received: embedding='emb'"):
         tf_seqloss.FusedLinearHead(VOCAB, embedding="emb")
+
+
+def test_tied_training_step_is_gpu_ready_and_compiles_with_xla():
+    from tests.graph_checks import all_nodes, ops_without_gpu_kernel
+    tokens, targets = _batch()
+    embedding = keras.layers.Embedding(VOCAB, FEATURES)
+    head = tf_seqloss.FusedLinearHead(VOCAB, embedding=embedding, padding_id=0, logit_soft_cap=CAP, chunk_size=4)
+    head(embedding(tokens), targets)  # builds both
+
+    def step(tokens, targets):
+        with tf.GradientTape() as tape:
+            head(embedding(tokens), targets)
+            loss = head.losses[-1]
+        return [loss] + tape.gradient(loss, [embedding.embeddings, head.bias])
+
+    signature = [tf.TensorSpec([None, None], tf.int32)] * 2
+    traced = tf.function(step, input_signature=signature)
+    concrete = traced.get_concrete_function()
+    assert ops_without_gpu_kernel(concrete) == []
+    assert [n.op for n in all_nodes(concrete.graph.as_graph_def()) if n.op == "Transpose"] == []
+    compiled = tf.function(step, input_signature=signature, jit_compile=True)
+    for a, b in zip(compiled(tokens, targets), traced(tokens, targets)):
+        np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+
