@@ -185,3 +185,16 @@ def test_tied_training_step_is_gpu_ready_and_compiles_with_xla():
         np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy(),
                                    rtol=1e-5, atol=1e-6)
 
+
+
+def test_tied_inference_reads_the_embedding_without_a_transposed_copy():
+    from tests.graph_checks import all_nodes
+    embedding = keras.layers.Embedding(VOCAB, FEATURES)
+    head = tf_seqloss.FusedLinearHead(VOCAB, embedding=embedding, top_k=3)
+    infer = tf.function(lambda tokens: head(embedding(tokens)))
+    concrete = infer.get_concrete_function(tf.TensorSpec([None, None], tf.int32))
+    assert [n.op for n in all_nodes(concrete.graph.as_graph_def()) if n.op == "Transpose"] == []
+    tokens, _ = _batch()
+    values, ids = infer(tf.constant(tokens))
+    logits = embedding.embeddings.numpy()[tokens] @ embedding.embeddings.numpy().T + head.bias.numpy()
+    np.testing.assert_allclose(values.numpy(), -np.sort(-logits, axis=-1)[..., :3], rtol=1e-5, atol=1e-6)

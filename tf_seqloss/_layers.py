@@ -227,8 +227,11 @@ class FusedLinearHead(keras.layers.Layer):
     variable, fed by both the lookup and the head. `embedding_layer` is a `keras.layers.Embedding`, a
     `keras.layers.ReversibleEmbedding` (Keras 3), keras-hub's `ReversibleEmbedding`, or any layer whose
     `embeddings` variable is `[classes, features]`; use it for the token lookup as usual. The head saves
-    the embedding in its config; saving the model (`model.save("...keras")`, either Keras) shares the
-    one layer between the model and the head, so the loaded model keeps the tie. (A bare
+    the embedding in its config; under Keras 3, saving the model (`model.save("model.keras")`) records
+    the one layer the model and the head share, and `keras.models.load_model` gives both the same layer
+    again: the loaded model keeps the tie. tf_keras' `.keras` loader rebuilds its built-in layers without
+    that record and refuses the file (a `ValueError` about the embedding's variables); there, rebuild
+    the model in code and `model.load_weights(...)`, which keeps the tie. (A bare
     `from_config(get_config())` outside saving, e.g. `keras.models.clone_model`, makes a second
     embedding.)
 
@@ -394,8 +397,10 @@ class FusedLinearHead(keras.layers.Layer):
             bias = None if bias is None else tf.cast(bias, hidden.dtype)
         tied = self.embedding is not None
         if targets is None:
-            # A tied `[classes, features]` kernel is contracted on its features axis: no transposed copy.
-            logits = tf.tensordot(hidden, kernel, axes=[[hidden.shape.rank - 1], [1 if tied else 0]])
+            if tied:  # `[classes, features]`, read by the matmul as it is (`tensordot` would transpose a copy)
+                logits = tf.matmul(hidden, kernel, transpose_b=True)
+            else:
+                logits = tf.tensordot(hidden, kernel, axes=[[hidden.shape.rank - 1], [0]])
             if bias is not None:
                 logits += bias
             logits = soft_cap(logits, self.logit_soft_cap)
