@@ -123,3 +123,69 @@ def test_loss_layer_computes_in_float32_from_half_logits(policy):
     assert loss.dtype == tf.float32
     np.testing.assert_allclose(float(loss), reference.sequence_loss(logits.numpy().astype(np.float64), targets,
                                                                     mask), rtol=2e-6)
+
+
+# The fused head under a policy (issue 21). The reference is NumPy float64 on the very values the head
+# computes from: `hidden`, kernel and bias rounded to the half dtype. The head forms their products and the
+# softmax statistics in float32, so the loss agrees to float32 rounding of a `FEATURES`-term dot product and
+# a log-sum-exp of O(10) logits: a relative 2e-6 covers it (a half-precision softmax would be off by ~1e-3).
+HEAD_FEATURES = 8
+
+
+def _rounded(x, dtype):
+    return tf.cast(tf.cast(x, dtype), tf.float64).numpy()
+
+
+def _numpy_head_loss(hidden, kernel, bias, targets, weights, *, transpose_kernel=False, cap=None):
+    logits = hidden @ (kernel.T if transpose_kernel else kernel) + bias
+    if cap:
+        logits = cap * np.tanh(logits / cap)
+    return reference.sequence_loss(logits, targets, weights)
+
+
+@pytest.mark.parametrize("transpose_kernel", [False, True], ids=["kernel", "transposed"])
+@pytest.mark.parametrize("half", [tf.bfloat16, tf.float16], ids=lambda d: d.name)
+def test_linear_sequence_loss_casts_a_float32_kernel_to_half_hidden(half, transpose_kernel):
+    # Decided: a float32 kernel (and bias) with half-precision hidden is cast to hidden's dtype, as a layer
+    # under a mixed policy casts its variables; the kernel's gradient comes back in float32 through the cast.
+    _, targets, mask = _batch()
+    rng = np.random.default_rng(3)
+    hidden = tf.cast(rng.normal(size=mask.shape + (HEAD_FEATURES,)), half)
+    shape = (VOCAB, HEAD_FEATURES) if transpose_kernel else (HEAD_FEATURES, VOCAB)
+    kernel = tf.constant(rng.normal(size=shape), tf.float32)
+    bias = tf.constant(rng.normal(size=(VOCAB,)), tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch([kernel, bias])
+        loss = tf_seqloss.linear_sequence_loss(hidden, kernel, targets, mask, bias=bias, logit_soft_cap=3.0,
+                                               transpose_kernel=transpose_kernel, chunk_size=4)
+    d_kernel, d_bias = tape.gradient(loss, [kernel, bias])
+    assert loss.dtype == tf.float32 and d_kernel.dtype == tf.float32 and d_bias.dtype == tf.float32
+    expected = _numpy_head_loss(_rounded(hidden, half), _rounded(kernel, half), _rounded(bias, half), targets,
+                                mask, transpose_kernel=transpose_kernel, cap=3.0)
+    np.testing.assert_allclose(float(loss), expected, rtol=2e-6)
+    with pytest.raises(TypeError, match=r"`kernel` must have the dtype of `hidden` \(float32\).*Received: "
+                                        r"kernel.dtype=float64, hidden.dtype=float32"):
+        tf_seqloss.linear_sequence_loss(tf.cast(hidden, tf.float32), tf.cast(kernel, tf.float64), targets)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["own_kernel", "tied"])
+@pytest.mark.parametrize("policy", POLICIES, indirect=True)
+def test_fused_head_computes_in_the_policy_dtype_and_the_loss_in_float32(policy, tied):
+    tokens, targets, mask = _batch(seed=4)
+    keras.utils.set_random_seed(4)
+    embedding = keras.layers.Embedding(VOCAB, HEAD_FEATURES)
+    head = tf_seqloss.FusedLinearHead(VOCAB, bias_initializer="random_normal", logit_soft_cap=3.0, chunk_size=4,
+                                      embedding=embedding if tied else None)
+    hidden = embedding(tokens)
+    half = tf.as_dtype(policy[len("mixed_"):])
+    assert hidden.dtype == half and head.compute_dtype == half.name
+    head(hidden, targets, weights=mask)
+    (loss,) = head.losses
+    assert loss.dtype == tf.float32
+    assert head.kernel.dtype == tf.float32 and head.bias.dtype == tf.float32  # float32 variables
+    kernel = tf.convert_to_tensor(embedding.embeddings if tied else head.kernel)
+    expected = _numpy_head_loss(_rounded(hidden, half), _rounded(kernel, half), _rounded(head.bias, half), targets,
+                                mask, transpose_kernel=tied, cap=3.0)
+    np.testing.assert_allclose(float(loss), expected, rtol=2e-6)
+    logits = head(hidden)  # inference in the compute dtype
+    assert logits.dtype == half

@@ -93,11 +93,13 @@ def numpy_reduce(weighted, weights, *, normalizer=None, epsilon=None, **flags):
 
 
 def numpy_loss(logits, targets, weights, *, label_smoothing=0.0, z_loss=0.0, padding_id=None, from_logits=True,
-               **reduction):
+               logit_soft_cap=None, **reduction):
     """The documented loss in float64; with `from_logits=False`, `logits` are probabilities."""
     logits = np.asarray(logits, np.float64)
     if not from_logits:
         logits = np.log(np.clip(logits, PROBABILITY_EPSILON, 1 - PROBABILITY_EPSILON))
+    if logit_soft_cap is not None:
+        logits = logit_soft_cap * np.tanh(logits / logit_soft_cap)
     weights = np.asarray(weights, np.float64)
     if padding_id is not None:
         weights = weights * (targets != padding_id)
@@ -170,6 +172,13 @@ CASES = {
     "z_loss-sum-flags": (dict(z_loss=0.01, sum_over_timesteps=True, sum_over_batch=False,
                               average_across_timesteps=False, average_across_batch=False), {
         "sampled_sequence_loss": (ValueError, r"`z_loss` of `sampled_sequence_loss`")}),
+    # Caps well inside the logits' range (about +-4 here), so that the cap changes every loss.
+    "logit_soft_cap": (dict(logit_soft_cap=1.5), {
+        "sampled_sequence_loss": (ValueError, r"`logit_soft_cap` of `sampled_sequence_loss`.*sampling probabilities")}),
+    "logit_soft_cap-label_smoothing-z_loss": (dict(logit_soft_cap=2.0, label_smoothing=0.1, z_loss=0.01), {
+        "sampled_sequence_loss": (ValueError, r"`logit_soft_cap` of `sampled_sequence_loss`")}),
+    "logit_soft_cap-sum-flags": (dict(logit_soft_cap=1.5, **SUM_FLAGS), {
+        "sampled_sequence_loss": (ValueError, r"`logit_soft_cap` of `sampled_sequence_loss`")}),
     "normalizer-number": (dict(normalizer=7.0), {}),
     "normalizer-number-sum-flags": (dict(normalizer=7.0, **SUM_FLAGS), {}),
     "normalizer-global": (dict(normalizer="global"), {}),  # without a strategy: this call's own count
@@ -189,6 +198,10 @@ CASES = {
     "from_logits-false-z_loss": (dict(from_logits=False, z_loss=0.01), {
         **{entry: (ValueError, "`z_loss` cannot be combined with `from_logits=False`") for entry in LOGITS_FACES},
         **{entry: ((TypeError, ValueError), "from_logits") for entry in ENTRY_POINTS[3:]}}),
+    "from_logits-false-logit_soft_cap": (dict(from_logits=False, logit_soft_cap=2.0), {
+        **{entry: (ValueError, "Invalid combination of arguments: `logit_soft_cap` cannot be combined with "
+                               "`from_logits=False`") for entry in LOGITS_FACES},
+        **{entry: ((TypeError, ValueError), "from_logits") for entry in ENTRY_POINTS[3:]}}),
     "implementation": (dict(implementation="fused"), {
         **{entry: (TypeError, "unexpected keyword argument 'implementation'") for entry in
            ("linear_sequence_loss", "sampled_sequence_loss")},
@@ -197,6 +210,10 @@ CASES = {
         **{entry: (TypeError, "unexpected keyword argument 'softmax_loss_function'") for entry in
            ("linear_sequence_loss", "sampled_sequence_loss")},
         "FusedLinearHead": (ValueError, "`softmax_loss_function` of `FusedLinearHead`. Expected no such")}),
+    "softmax_loss_function-logit_soft_cap": (dict(softmax_loss_function=_custom_loss, logit_soft_cap=2.0), {
+        **{entry: (ValueError, "`logit_soft_cap=2.0` cannot be combined with `softmax_loss_function`")
+           for entry in LOGITS_FACES},
+        **{entry: ((TypeError, ValueError), "softmax_loss_function") for entry in ENTRY_POINTS[3:]}}),
     "softmax_loss_function-z_loss": (dict(softmax_loss_function=_custom_loss, z_loss=0.01), {
         **{entry: (ValueError, "`z_loss=0.01` cannot be combined with `softmax_loss_function`")
            for entry in LOGITS_FACES},
@@ -218,7 +235,8 @@ def test_each_option_is_accepted_and_exact_or_refused_with_its_error(entry, case
 
 # Every option of each Keras object set away from its default, for the config round trip.
 KERAS_OPTIONS = dict(average_across_timesteps=False, average_across_batch=False, sum_over_timesteps=True,
-                     sum_over_batch=True, padding_id=-1, label_smoothing=0.1, z_loss=0.01, epsilon=1e-6,
+                     sum_over_batch=True, padding_id=-1, label_smoothing=0.1, z_loss=0.01, logit_soft_cap=30.0,
+                     epsilon=1e-6,
                      normalizer="global", reduction="sum")
 KERAS_OBJECTS = {
     "SequenceLoss": lambda: tf_seqloss.SequenceLoss(implementation="reference", **KERAS_OPTIONS),
@@ -266,7 +284,8 @@ def test_the_layers_accept_the_same_reductions():
 BAD_VALUES = [  # (option, value)
     ("average_across_batch", 1), ("sum_over_timesteps", "yes"), ("label_smoothing", 1.5), ("label_smoothing", "0.1"),
     ("z_loss", -1.0), ("z_loss", "0.1"), ("normalizer", 0), ("normalizer", "local"), ("epsilon", -1.0),
-    ("padding_id", 0.5),
+    ("padding_id", 0.5), ("logit_soft_cap", 0.0), ("logit_soft_cap", -1.0), ("logit_soft_cap", float("inf")),
+    ("logit_soft_cap", float("nan")), ("logit_soft_cap", "30"), ("logit_soft_cap", True),
 ]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import tensorflow as tf
 from tensorflow.types.experimental import TensorLike
@@ -86,6 +86,8 @@ class SequenceLoss(keras.losses.Loss):
         label_smoothing: keyword-only. As in `sequence_loss`.
         z_loss: keyword-only. As in `sequence_loss`: adds `z_loss * logsumexp(logits)**2` to every
             token's loss. Not allowed with `softmax_loss_function` or `from_logits=False`.
+        logit_soft_cap: keyword-only. As in `sequence_loss`: `None`, or a positive finite `cap` that
+            turns the logits into `cap * tanh(logits / cap)` before the softmax. Saved in the config.
         epsilon: keyword-only. As in `sequence_loss`.
         implementation: keyword-only. As in `sequence_loss`.
         normalizer: keyword-only. As in `sequence_loss`, a Python number or `"global"`. With `"global"`,
@@ -164,20 +166,22 @@ class SequenceLoss(keras.losses.Loss):
         label_smoothing: float = 0.0,
         epsilon: Optional[float] = None,
         implementation: str = "auto",
-        reduction="sum_over_batch_size",
+        reduction: Optional[str] = "sum_over_batch_size",
         name: Optional[str] = None,
-        dtype=None,
-        normalizer=None,
+        dtype: Optional[Union[str, Any]] = None,
+        normalizer: Optional[Union[str, float]] = None,
         from_logits: bool = True,
         z_loss: float = 0.0,
-    ):
+        logit_soft_cap: Optional[float] = None,
+    ) -> None:
         # An unset averaging flag is True, as in contrib, unless a `sum_over_*` flag is set: then
         # `SequenceLoss(sum_over_timesteps=True, sum_over_batch=True)` is TFA's class default.
         options = LossOptions(
             average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
             label_smoothing=label_smoothing, z_loss=z_loss, normalizer=normalizer, epsilon=epsilon,
             padding_id=padding_id, from_logits=from_logits, softmax_loss_function=softmax_loss_function,
-            implementation=implementation, allow_tensors=False)  # a tensor cannot be saved in the config
+            implementation=implementation, logit_soft_cap=logit_soft_cap,
+            allow_tensors=False)  # a tensor cannot be saved in the config
 
         _checks.check_name(name, "SequenceLoss")
         loss_dtype = _dtype_name(dtype)  # before Keras 3's own check, whose message does not name `dtype`

@@ -8,15 +8,16 @@ subclassed models, under Keras 3 and tf_keras, and are registered for `.keras` s
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.types.experimental import TensorLike
 
 from tf_seqloss import _checks, _distribute, _keras, _linear_head
 from tf_seqloss._keras import keras
 from tf_seqloss._keras_loss import SequenceLoss, reduced_loss
-from tf_seqloss._options import FIELDS, FLAGS, LossOptions, expose, for_add_loss, refuse
+from tf_seqloss._options import FIELDS, FLAGS, LossOptions, expose, for_add_loss, refuse, soft_cap
 
 
 @keras.saving.register_keras_serializable(package="tf_seqloss")
@@ -138,6 +139,7 @@ class SequenceLossLayer(keras.layers.Layer):
         softmax_loss_function: as in `tf_seqloss.SequenceLoss`.
         padding_id: keyword-only. As in `tf_seqloss.SequenceLoss`.
         label_smoothing: keyword-only. As in `tf_seqloss.SequenceLoss`.
+        logit_soft_cap: keyword-only. As in `tf_seqloss.SequenceLoss`.
         epsilon: keyword-only. As in `tf_seqloss.SequenceLoss`.
         implementation: keyword-only. As in `tf_seqloss.SequenceLoss`; see `sequence_loss`.
         reduction: keyword-only. As in `tf_seqloss.SequenceLoss`, except that it must give a scalar
@@ -205,12 +207,13 @@ class SequenceLossLayer(keras.layers.Layer):
         label_smoothing: float = 0.0,
         epsilon: Optional[float] = None,
         implementation: str = "auto",
-        reduction="sum_over_batch_size",
-        normalizer=None,
+        reduction: str = "sum_over_batch_size",
+        normalizer: Optional[Union[str, float]] = None,
         from_logits: bool = True,
         z_loss: float = 0.0,
+        logit_soft_cap: Optional[float] = None,
         **kwargs,
-    ):
+    ) -> None:
         _keras.check_scalar_reduction(reduction, "SequenceLossLayer")
         _check_layer_dtype(kwargs, "SequenceLossLayer")
         kwargs.setdefault("autocast", False)
@@ -221,7 +224,7 @@ class SequenceLossLayer(keras.layers.Layer):
             average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
             softmax_loss_function, padding_id=padding_id, label_smoothing=label_smoothing,
             epsilon=epsilon, implementation=implementation, reduction=reduction, normalizer=normalizer,
-            from_logits=from_logits, z_loss=z_loss, name=self.name + "_loss",
+            from_logits=from_logits, z_loss=z_loss, logit_soft_cap=logit_soft_cap, name=self.name + "_loss",
         )
         # The options live in the loss object only; the layer's option attributes read them (`expose`).
         self._options = self._sequence_loss._options
@@ -321,7 +324,7 @@ class SequenceLossLayer(keras.layers.Layer):
 
 
 # The options of `FusedLinearHead`: those of `linear_sequence_loss`.
-_HEAD_OPTIONS = FLAGS + ("padding_id", "label_smoothing", "z_loss", "epsilon", "normalizer")
+_HEAD_OPTIONS = FLAGS + ("padding_id", "label_smoothing", "z_loss", "logit_soft_cap", "epsilon", "normalizer")
 # The options of `SequenceLossLayer` the head has no meaning for, and why.
 _NOT_HEAD_OPTIONS = {
     "from_logits": "the head computes the logits itself, so its loss never takes probabilities",
@@ -351,9 +354,27 @@ class FusedLinearHead(keras.layers.Layer):
     `hidden` (e.g. from `Embedding(mask_zero=True)`), multiplied together. Flags leaving a non-scalar loss
     are averaged (`reduction="sum_over_batch_size"`) or summed (`reduction="sum"`).
 
+    Tied to a token embedding (GPT-2, Gemma, Llama): `FusedLinearHead(vocab, embedding=embedding_layer)`
+    creates no kernel and uses the embedding's `[classes, features]` variable as it is
+    (`transpose_kernel=True`): `head.kernel` IS `embedding_layer.embeddings`, so training moves one
+    variable, fed by both the lookup and the head. `embedding_layer` is a `keras.layers.Embedding`, a
+    `keras.layers.ReversibleEmbedding` (Keras 3), keras-hub's `ReversibleEmbedding`, or any layer whose
+    `embeddings` variable is `[classes, features]`; use it for the token lookup as usual. The head saves
+    the embedding in its config; under Keras 3, saving the model (`model.save("model.keras")`) records
+    the one layer the model and the head share, and `keras.models.load_model` gives both the same layer
+    again: the loaded model keeps the tie. tf_keras' `.keras` loader rebuilds its built-in layers without
+    that record and refuses the file (a `ValueError` about the embedding's variables); there, rebuild
+    the model in code and `model.load_weights(...)`, which keeps the tie. (A bare
+    `from_config(get_config())` outside saving, e.g. `keras.models.clone_model`, makes a second
+    embedding.)
+
+    Under a mixed-precision policy (`dtype="mixed_bfloat16"`, or the global policy) the head casts
+    `hidden` and its float32 variables (or the tied embedding) to the compute dtype, as Keras layers do;
+    the training loss (log-sum-exp, cross-entropy) is computed in float32 from those rounded values.
+
     Args:
-        units: the number of classes.
-        use_bias: whether the projection has a bias.
+        units: the number of classes (with `embedding`, `None` takes it from the embedding's `input_dim`).
+        use_bias: whether the projection has a bias (GPT-2's tied head has none: pass False).
         kernel_initializer: the Keras initializer of the kernel.
         bias_initializer: the Keras initializer of the bias.
         average_across_timesteps: keyword-only. The contrib flag, as in `tf_seqloss.SequenceLoss`: unset
@@ -367,6 +388,9 @@ class FusedLinearHead(keras.layers.Layer):
         z_loss: keyword-only. As in `linear_sequence_loss`.
         epsilon: keyword-only. As in `linear_sequence_loss`.
         chunk_size: keyword-only. As in `linear_sequence_loss`.
+        logit_soft_cap: keyword-only. As in `linear_sequence_loss`: `None`, or a positive finite `cap`;
+            the training loss is that of the logits `cap * tanh(logits / cap)`, and inference returns
+            the capped logits (and `top_k` ranks them; the cap keeps their order).
         normalizer: keyword-only. As in `tf_seqloss.SequenceLossLayer`: a Python number or `"global"`
             (the exact token mean over the replicas of a `tf.distribute` strategy).
         top_k: keyword-only. `None` (default): inference returns the logits; an int `k`: it returns
@@ -374,6 +398,9 @@ class FusedLinearHead(keras.layers.Layer):
         reduction: keyword-only. As in `tf_seqloss.SequenceLossLayer`: `"sum_over_batch_size"`
             (default) or another mean reduction of the running Keras averages a non-scalar loss, `"sum"`
             sums it.
+        embedding: keyword-only. `None` (default): the head owns a `[features, units]` kernel. A layer
+            with a `[units, features]` `embeddings` variable: the head is tied to it (see above), and
+            `kernel_initializer` is unused.
         **kwargs: passed to `keras.layers.Layer` (`name`, `dtype`, ...); `dtype` must be floating (the
             kernel's), e.g. `"float32"` or `"mixed_bfloat16"`.
 
@@ -424,14 +451,29 @@ class FusedLinearHead(keras.layers.Layer):
     [2.3026]
     >>> predictor(np.array([[4, 5, 0]])).shape
     TensorShape([1, 3, 10])
+
+    Tied to the input embedding, with Gemma's soft-capping:
+
+    >>> import numpy as np, tf_seqloss
+    >>> from tf_seqloss._keras import keras
+    >>> embedding = keras.layers.Embedding(50, 8)
+    >>> head = tf_seqloss.FusedLinearHead(50, use_bias=False, embedding=embedding, logit_soft_cap=30.0)
+    >>> tokens = keras.Input((None,), dtype="int32")
+    >>> targets = keras.Input((None,), dtype="int32")
+    >>> hidden = keras.layers.Dense(8)(embedding(tokens))
+    >>> trainer = keras.Model([tokens, targets], head(hidden, targets))
+    >>> trainer.count_params()  # 50 x 8 embedding, shared; 8 x 8 + 8 Dense; no head kernel
+    472
+    >>> head.kernel is embedding.embeddings
+    True
     """
 
     def __init__(
         self,
-        units: int,
+        units: Optional[int],
         use_bias: bool = True,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
+        kernel_initializer: Union[str, dict, Callable] = "glorot_uniform",
+        bias_initializer: Union[str, dict, Callable] = "zeros",
         *,
         average_across_timesteps: Optional[bool] = None,
         average_across_batch: Optional[bool] = None,
@@ -440,18 +482,28 @@ class FusedLinearHead(keras.layers.Layer):
         padding_id: Optional[int] = None,
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
+        logit_soft_cap: Optional[float] = None,
         epsilon: Optional[float] = None,
         chunk_size: Optional[int] = None,
         top_k: Optional[int] = None,
         reduction: str = "sum_over_batch_size",
-        normalizer=None,
+        normalizer: Optional[Union[str, float]] = None,
+        embedding: Optional["keras.layers.Layer"] = None,
         **kwargs,
-    ):
+    ) -> None:
         for option, reason in _NOT_HEAD_OPTIONS.items():
             if option in kwargs:
                 refuse("FusedLinearHead", option, kwargs[option], "no such argument", reason)
         _check_layer_dtype(kwargs, "FusedLinearHead", floating=True)
         super().__init__(**kwargs)
+        if isinstance(embedding, dict):  # from a config: `from_config` deserialises it, a direct call too
+            embedding = keras.saving.deserialize_keras_object(embedding)
+        if embedding is not None and not isinstance(embedding, keras.layers.Layer):
+            raise TypeError(_checks.invalid_value(
+                "embedding", "None or a Keras layer with a `[classes, features]` `embeddings` variable "
+                "(e.g. `keras.layers.Embedding`)", f"{embedding!r} of type {type(embedding).__name__}"))
+        if units is None and embedding is not None and isinstance(getattr(embedding, "input_dim", None), int):
+            units = embedding.input_dim
         if isinstance(units, bool) or not isinstance(units, int) or units < 1:
             raise ValueError(_checks.invalid_value("units", "a positive int (the number of classes)", repr(units)))
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= units):
@@ -460,7 +512,7 @@ class FusedLinearHead(keras.layers.Layer):
         self._options = LossOptions(  # a tensor option cannot be saved in the config
             average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
             label_smoothing=label_smoothing, z_loss=z_loss, normalizer=normalizer, epsilon=epsilon,
-            padding_id=padding_id, allow_tensors=False)
+            padding_id=padding_id, logit_soft_cap=logit_soft_cap, allow_tensors=False)
         self.units = units
         if not isinstance(use_bias, (bool, np.bool_)):  # `bool("False")` is True: refuse rather than guess.
             raise TypeError(_checks.invalid_value("use_bias", "True or False (a Python or NumPy bool)", repr(use_bias)))
@@ -471,6 +523,7 @@ class FusedLinearHead(keras.layers.Layer):
         self.top_k = top_k
         self.reduction = reduction
         self.supports_masking = True
+        self.embedding = embedding  # tracked: its variable is the head's kernel, `[units, features]`
 
     def build(self, hidden_shape, *args, **kwargs):
         """Creates `kernel` (`[features, units]`) and, with `use_bias`, `bias` (`[units]`).
@@ -484,16 +537,41 @@ class FusedLinearHead(keras.layers.Layer):
             ValueError: the last axis of `hidden_shape` is unknown.
         """
         features = tuple(hidden_shape)[-1]
-        if features is None:
-            raise ValueError("The last axis of `hidden` (features) must be known to build `FusedLinearHead`. "
-                             f"Received: hidden.shape={tuple(hidden_shape)}")
-        self.kernel = self.add_weight(name="kernel", shape=(features, self.units),
-                                      initializer=self.kernel_initializer)
+        if self.embedding is not None:
+            self.kernel = self._tied_kernel(features)
+        else:
+            if features is None:
+                raise ValueError("The last axis of `hidden` (features) must be known to build `FusedLinearHead`. "
+                                 f"Received: hidden.shape={tuple(hidden_shape)}")
+            self.kernel = self.add_weight(name="kernel", shape=(features, self.units),
+                                          initializer=self.kernel_initializer)
         self.bias = self.add_weight(name="bias", shape=(self.units,), initializer=self.bias_initializer) \
             if self.use_bias else None
         self.built = True
 
-    def call(self, hidden, targets=None, weights=None, lengths=None, mask=None):
+    def _tied_kernel(self, features):
+        """Returns the tied embedding's `embeddings` variable after checking it is `[units, features]`."""
+        embedding = self.embedding
+        if not embedding.built:
+            embedding.build((None, None))  # an embedding's variable does not depend on the ids' shape
+        variable = getattr(embedding, "embeddings", None)
+        shape = None if variable is None else tuple(variable.shape)
+        if shape is None or len(shape) != 2 or shape[0] != self.units or (features is not None
+                                                                          and shape[1] != features):
+            raise ValueError(_checks.invalid_value(
+                "embedding", f"a layer whose `embeddings` variable is [units, features] = [{self.units}, "
+                f"{features}] (the head reads it as a [classes, features] kernel)",
+                f"{embedding.name!r} with embeddings.shape={shape}", owner="FusedLinearHead"))
+        return variable
+
+    def call(
+        self,
+        hidden: TensorLike,
+        targets: Optional[TensorLike] = None,
+        weights: Optional[TensorLike] = None,
+        lengths: Optional[TensorLike] = None,
+        mask: Optional[TensorLike] = None,
+    ) -> Union[tf.Tensor, Tuple[tf.Tensor, tf.Tensor]]:
         """Returns the logits of `hidden`, or, given `targets`, adds their fused loss and returns the log-sum-exp.
 
         Args:
@@ -521,12 +599,23 @@ class FusedLinearHead(keras.layers.Layer):
         >>> values.shape, ids.shape
         (TensorShape([2, 3, 2]), TensorShape([2, 3, 2]))
         """
+        hidden = tf.convert_to_tensor(hidden)
         kernel = tf.convert_to_tensor(self.kernel)
         bias = None if self.bias is None else tf.convert_to_tensor(self.bias)
+        # Under a mixed-precision policy: float32 variables in the compute dtype of `hidden`, as Keras does
+        # (a tied embedding is another layer's variable, which this layer's autocast may not reach).
+        if hidden.dtype in (tf.float16, tf.bfloat16):
+            kernel = tf.cast(kernel, hidden.dtype)
+            bias = None if bias is None else tf.cast(bias, hidden.dtype)
+        tied = self.embedding is not None
         if targets is None:
-            logits = tf.tensordot(hidden, kernel, axes=[[hidden.shape.rank - 1], [0]])
+            if tied:  # `[classes, features]`, read by the matmul as it is (`tensordot` would transpose a copy)
+                logits = tf.matmul(hidden, kernel, transpose_b=True)
+            else:
+                logits = tf.tensordot(hidden, kernel, axes=[[hidden.shape.rank - 1], [0]])
             if bias is not None:
                 logits += bias
+            logits = soft_cap(logits, self.logit_soft_cap)
             if self.top_k is None:
                 return logits
             values, ids = tf.math.top_k(logits, k=self.top_k)
@@ -539,7 +628,7 @@ class FusedLinearHead(keras.layers.Layer):
         _warn_about_logged_global_loss(self)
         loss, log_sum_exp = _linear_head.compute_linear_sequence_loss(
             hidden, kernel, targets, self._options, bias=bias, weights=weights, lengths=lengths, mask=mask,
-            chunk_size=self.chunk_size, return_log_sum_exp=True)
+            chunk_size=self.chunk_size, return_log_sum_exp=True, transpose_kernel=tied)
         self.add_loss(for_add_loss(loss, self._options, self.reduction))
         return log_sum_exp
 
@@ -590,7 +679,18 @@ class FusedLinearHead(keras.layers.Layer):
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
             **self._options.config(*_HEAD_OPTIONS),
             chunk_size=self.chunk_size, top_k=self.top_k, reduction=self.reduction)
+        if self.embedding is not None:
+            # Saved whole; within a model's saving, Keras records a layer met twice (here and in the
+            # model) once, and loading gives both places the same layer: the tie survives.
+            config["embedding"] = keras.saving.serialize_keras_object(self.embedding)
         return config
+
+    @classmethod
+    def from_config(cls, config: dict) -> "FusedLinearHead":
+        config = dict(config)
+        if isinstance(config.get("embedding"), dict):
+            config["embedding"] = keras.saving.deserialize_keras_object(config["embedding"])
+        return cls(**config)
 
 
 def _warn_about_logged_global_loss(layer) -> None:

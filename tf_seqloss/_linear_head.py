@@ -35,10 +35,11 @@ differentiating them again would be silently wrong).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.types.experimental import TensorLike
 
 from tf_seqloss import _checks, _cross_entropy, _fused, _padding
 from tf_seqloss._options import LossOptions, reduce_tokens, refuse
@@ -67,26 +68,28 @@ MAX_CHUNK = 4096
 
 
 def linear_sequence_loss(
-    hidden,
-    kernel,
-    targets,
-    weights=None,
+    hidden: TensorLike,
+    kernel: TensorLike,
+    targets: TensorLike,
+    weights: Optional[TensorLike] = None,
     average_across_timesteps: bool = True,
     average_across_batch: bool = True,
     sum_over_timesteps: bool = False,
     sum_over_batch: bool = False,
     name: Optional[str] = None,
     *,
-    bias=None,
-    lengths=None,
+    bias: Optional[TensorLike] = None,
+    lengths: Optional[TensorLike] = None,
     padding_id: Optional[int] = None,
-    label_smoothing=0.0,
-    z_loss=0.0,
+    label_smoothing: Union[float, TensorLike] = 0.0,
+    z_loss: float = 0.0,
     epsilon: Optional[float] = None,
     chunk_size: Optional[int] = None,
     return_log_sum_exp: bool = False,
-    normalizer=None,
-):
+    normalizer: Optional[Union[str, float, TensorLike]] = None,
+    transpose_kernel: bool = False,
+    logit_soft_cap: Optional[float] = None,
+) -> Union[tf.Tensor, Tuple[tf.Tensor, tf.Tensor]]:
     """Returns `sequence_loss(hidden @ kernel + bias, targets, ...)`, computed without the logits.
 
     Value and gradients with respect to `hidden`, `kernel`, `bias` (and `weights`) equal those of
@@ -96,7 +99,11 @@ def linear_sequence_loss(
 
     Args:
         hidden: `[batch, time, features]` float16, bfloat16, float32 or float64 hidden states.
-        kernel: `[features, classes]` output projection, of the dtype of `hidden`.
+        kernel: `[features, classes]` output projection (`[classes, features]` with
+            `transpose_kernel=True`), of the dtype of `hidden`; or float32 with float16 or bfloat16
+            `hidden`, as a Keras layer's variable under a mixed-precision policy: it is then cast to
+            `hidden`'s dtype (the gradient reaches the float32 kernel through the cast). The logits of
+            half-precision inputs are formed and reduced in float32 from the rounded values.
         targets: `[batch, time]` integer class ids.
         weights: `[batch, time]` float weights, as in `sequence_loss`; `None` means all ones.
         average_across_timesteps: the contrib flag, as in `sequence_loss` (same default, same shapes).
@@ -104,7 +111,7 @@ def linear_sequence_loss(
         sum_over_timesteps: the contrib flag, as in `sequence_loss` (same default, same shapes).
         sum_over_batch: the contrib flag, as in `sequence_loss` (same default, same shapes).
         name: name scope of the operations; defaults to `"linear_sequence_loss"`.
-        bias: keyword-only. Optional `[classes]` bias, of the dtype of `hidden`.
+        bias: keyword-only. Optional `[classes]` bias, of the dtype of `hidden` (or float32, as `kernel`).
         lengths: keyword-only. `[batch]` sequence lengths, as in `sequence_loss`.
         padding_id: keyword-only. A class id marking padding in `targets`, as in `sequence_loss`.
         label_smoothing: keyword-only. TF1 label smoothing in `[0, 1]`, as in `sequence_loss`.
@@ -117,6 +124,13 @@ def linear_sequence_loss(
             logits (0 at padded tokens), e.g. to log what `z_loss` pushes towards 0. It has no gradient.
         normalizer: keyword-only. As in `sequence_loss`: `"global"` for the exact token mean over the
             replicas of a `tf.distribute` strategy, or a window's token count.
+        transpose_kernel: keyword-only. False (default): `kernel` is `[features, classes]` and the logits
+            are `hidden @ kernel + bias`. True: `kernel` is `[classes, features]`, e.g. a token embedding
+            tied to the output (GPT-2, Gemma, Llama), and the logits are `hidden @ kernel^T + bias`; the
+            kernel is read as it is (no transposed copy) and its gradient has its own layout.
+        logit_soft_cap: keyword-only. As in `sequence_loss`: `None`, or a positive finite `cap` applied to
+            each chunk's logits as `cap * tanh(logits / cap)` before the softmax; the loss, label
+            smoothing, z-loss and the returned log-sum-exp are those of the capped logits.
 
     Returns:
         The loss, shaped and typed as `sequence_loss`'s (float32 for half-precision inputs); with
@@ -142,16 +156,26 @@ def linear_sequence_loss(
     >>> materialised = tf_seqloss.sequence_loss(logits, targets, lengths=[3, 1])
     >>> bool(abs(fused - materialised) < 1e-5)
     True
+
+    A `[classes, features]` embedding tied to the output, with Gemma's soft-capping:
+
+    >>> embeddings = tf.random.normal([7, 4])
+    >>> fused = tf_seqloss.linear_sequence_loss(hidden, embeddings, targets, lengths=[3, 1],
+    ...                                         transpose_kernel=True, logit_soft_cap=5.0)
+    >>> logits = tf.matmul(hidden, embeddings, transpose_b=True)
+    >>> materialised = tf_seqloss.sequence_loss(5.0 * tf.tanh(logits / 5.0), targets, lengths=[3, 1])
+    >>> bool(abs(fused - materialised) < 1e-5)
+    True
     """
     options = LossOptions(
         average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
         label_smoothing=label_smoothing, z_loss=z_loss, normalizer=normalizer, epsilon=epsilon,
-        padding_id=padding_id)
+        padding_id=padding_id, logit_soft_cap=logit_soft_cap)
     chunk_size = check_chunk_size(chunk_size)
     with tf.name_scope(name or "linear_sequence_loss"):
         return compute_linear_sequence_loss(
             hidden, kernel, targets, options, bias=bias, weights=weights, lengths=lengths, chunk_size=chunk_size,
-            return_log_sum_exp=return_log_sum_exp)
+            return_log_sum_exp=return_log_sum_exp, transpose_kernel=transpose_kernel)
 
 
 def check_chunk_size(chunk_size) -> Optional[int]:
@@ -163,26 +187,58 @@ def check_chunk_size(chunk_size) -> Optional[int]:
     return int(chunk_size)
 
 
-def check_head(hidden, kernel, bias):
-    """Returns `(hidden, kernel, bias)` as tensors after checking ranks, dtypes and sizes."""
+def kernel_layout(transpose_kernel: bool) -> str:
+    """Returns the kernel's layout, as the shape errors name it."""
+    if transpose_kernel:
+        return "[classes, features] (as `transpose_kernel=True` takes it, e.g. tied embeddings)"
+    return "[features, classes] (pass `transpose_kernel=True` for a [classes, features] kernel)"
+
+
+def check_head(hidden, kernel, bias, transpose_kernel: bool = False):
+    """Returns `(hidden, kernel, bias)` as tensors after checking ranks, dtypes and sizes.
+
+    A float32 `kernel` or `bias` with half-precision `hidden` is cast to `hidden`'s dtype, as a Keras
+    layer under a mixed-precision policy casts its float32 variables to the compute dtype (the gradient
+    reaches the float32 tensor through the cast); any other dtype mismatch is refused.
+    """
     hidden = tf.convert_to_tensor(hidden, name="hidden")
     kernel = tf.convert_to_tensor(kernel, name="kernel")
     _checks.check_floating(hidden, "hidden")
     _checks.check_rank(hidden, "hidden", (3,), _LAYOUT_HIDDEN)
-    _checks.check_rank(kernel, "kernel", (2,), "[features, classes]")
-    tensors = [("kernel", kernel)]
+    if not isinstance(transpose_kernel, (bool, np.bool_)):
+        raise TypeError(_checks.invalid_value("transpose_kernel", "True or False (a Python or NumPy bool)",
+                                              repr(transpose_kernel)))
+    features_axis, classes_axis = (1, 0) if transpose_kernel else (0, 1)
+    _checks.check_rank(kernel, "kernel", (2,), kernel_layout(transpose_kernel))
     if bias is not None:
         bias = tf.convert_to_tensor(bias, name="bias")
         _checks.check_rank(bias, "bias", (1,), "[classes]")
-        tensors.append(("bias", bias))
-    for arg, x in tensors:
-        if x.dtype != hidden.dtype:
-            raise TypeError(f"`{arg}` must have the dtype of `hidden` ({hidden.dtype.name}), as in "
-                            f"`hidden @ kernel + bias`. Received: {arg}.dtype={x.dtype.name}")
-    _checks.check_same_dim(hidden, "hidden", 2, kernel, "kernel", 0, "features")
+
+    def same_dtype(arg, x):
+        if x.dtype == hidden.dtype:
+            return x
+        if x.dtype == tf.float32 and hidden.dtype in (tf.float16, tf.bfloat16):
+            return tf.cast(x, hidden.dtype)  # mixed precision: float32 variables, half-precision activations
+        raise TypeError(f"`{arg}` must have the dtype of `hidden` ({hidden.dtype.name}), as in "
+                        f"`hidden @ kernel + bias`, or be float32 with float16 or bfloat16 `hidden` (then "
+                        f"cast to it, as under a Keras mixed-precision policy). Received: {arg}.dtype="
+                        f"{x.dtype.name}, hidden.dtype={hidden.dtype.name}")
+
+    kernel = same_dtype("kernel", kernel)
+    bias = None if bias is None else same_dtype("bias", bias)
+    _check_kernel_dim(transpose_kernel, hidden, "hidden", 2, kernel, "kernel", features_axis, "features")
     if bias is not None:
-        _checks.check_same_dim(kernel, "kernel", 1, bias, "bias", 0, "classes")
+        _check_kernel_dim(transpose_kernel, kernel, "kernel", classes_axis, bias, "bias", 0, "classes")
     return hidden, kernel, bias
+
+
+def _check_kernel_dim(transpose_kernel, *args):
+    """`_checks.check_same_dim(*args)`, whose message also names the kernel layout `transpose_kernel` expects."""
+    try:
+        _checks.check_same_dim(*args)
+    except ValueError as err:
+        raise ValueError(f"{str(err).rstrip('.')}. With transpose_kernel={transpose_kernel}, `kernel` is "
+                         f"expected as {kernel_layout(transpose_kernel)}.") from None
 
 
 def check_head_targets(hidden, targets, padding_id):
@@ -197,9 +253,9 @@ def check_head_targets(hidden, targets, padding_id):
 
 def compute_linear_sequence_loss(hidden, kernel, targets, options: LossOptions, *, bias=None, weights=None,
                                  sample_weight=None, lengths=None, mask=None, chunk_size=None,
-                                 return_log_sum_exp=False):
+                                 return_log_sum_exp=False, transpose_kernel=False):
     """`linear_sequence_loss` with checked `options`, also taking Keras' `sample_weight` and mask."""
-    hidden, kernel, bias = check_head(hidden, kernel, bias)
+    hidden, kernel, bias = check_head(hidden, kernel, bias, transpose_kernel)
     targets = check_head_targets(hidden, targets, options.padding_id)
     dtype = _checks.compute_dtype(hidden.dtype)
     token_weights = _padding.token_weights(
@@ -213,7 +269,8 @@ def compute_linear_sequence_loss(hidden, kernel, targets, options: LossOptions, 
     flat_loss, flat_lse = fused_linear_cross_entropy(
         flat_hidden, kernel, bias, tf.reshape(targets, [-1]), flat_weights,
         label_smoothing=options.label_smoothing, z_loss=options.z_loss, chunk_size=chunk_size,
-        uniform_upstream=options.reduces_both_axes)
+        uniform_upstream=options.reduces_both_axes, transpose_kernel=transpose_kernel,
+        logit_soft_cap=options.logit_soft_cap)
     weighted = tf.reshape(flat_loss, tf.shape(targets))
     loss = reduce_tokens(weighted, token_weights, options)
     if return_log_sum_exp:
@@ -231,20 +288,24 @@ def auto_chunk_size(num_classes) -> int:
 
 
 def fused_linear_cross_entropy(hidden, kernel, bias, labels, weights, *, label_smoothing=0.0, z_loss=0.0,
-                               chunk_size=None, uniform_upstream=False):
+                               chunk_size=None, uniform_upstream=False, transpose_kernel=False,
+                               logit_soft_cap=None):
     """Returns `(weights * loss, log_sum_exp)`, `[n]` each, of the logits `hidden @ kernel + bias`.
 
     `hidden` is `[n, features]`, `labels` `[n]` ids, `weights` `[n]` in the compute dtype or None (all
     ones). The per-token loss follows `_cross_entropy.sparse_cross_entropy` (padding inert, bad ids NaN)
     plus `z_loss * log_sum_exp**2`. `uniform_upstream=True` promises that the gradient arriving at the
     result is the same for every token (a full sum), which lets the forward pass form the gradients.
+    `transpose_kernel=True` takes a `[classes, features]` kernel (logits `hidden @ kernel^T + bias`), used
+    as it is. `logit_soft_cap=cap` caps each chunk's logits as `cap * tanh(logits / cap)` (a Python float).
     """
     dtype = _checks.compute_dtype(hidden.dtype)
-    chunk = chunk_size or auto_chunk_size(kernel.shape[1])
+    classes_axis = 0 if transpose_kernel else 1
+    chunk = chunk_size or auto_chunk_size(kernel.shape[classes_axis])
     smoothing = None if _checks.is_zero(label_smoothing) else _checks.cast_number(label_smoothing, dtype)
     z = None if _checks.is_zero(z_loss) else _checks.cast_number(z_loss, dtype)
     n = tf.shape(hidden, out_type=tf.int32)[0]
-    valid, safe_labels = _cross_entropy.checked_ids(labels, tf.shape(kernel, out_type=labels.dtype)[1])
+    valid, safe_labels = _cross_entropy.checked_ids(labels, tf.shape(kernel, out_type=labels.dtype)[classes_axis])
     if weights is None:
         factor = _cross_entropy.nan_where_invalid(tf.ones([], dtype), valid, None)
         order, n_active = tf.range(n), n
@@ -255,7 +316,8 @@ def fused_linear_cross_entropy(hidden, kernel, bias, labels, weights, *, label_s
         order = tf.argsort(tf.cast(tf.logical_not(active), tf.int32), stable=True)
         n_active = tf.reduce_sum(tf.cast(active, tf.int32))
     precompute = uniform_upstream and _could_record is not None and _could_record()
-    loop = _ChunkLoop(order, n, n_active, chunk, safe_labels, factor, smoothing, z, dtype)
+    loop = _ChunkLoop(order, n, n_active, chunk, safe_labels, factor, smoothing, z, dtype,
+                      transpose_kernel=transpose_kernel, cap=logit_soft_cap)
 
     has_bias, has_weights = bias is not None, weights is not None
 
@@ -293,8 +355,11 @@ def fused_linear_cross_entropy(hidden, kernel, bias, labels, weights, *, label_s
 class _ChunkLoop:
     """The chunked loop over tokens: cross-entropy and log-sum-exp, and optionally the gradients."""
 
-    def __init__(self, order, n, n_active, chunk, labels, factor, smoothing, z, dtype):
+    def __init__(self, order, n, n_active, chunk, labels, factor, smoothing, z, dtype, *, transpose_kernel=False,
+                 cap=None):
         self.n, self.n_active, self.chunk = n, n_active, chunk
+        self.transpose_kernel = transpose_kernel
+        self.cap = cap  # a Python float, made a tensor in the graph `run` builds in
         self.max_chunks = (n + chunk - 1) // chunk
         # Padded to whole chunks with token 0; the rows past `n_active` are masked in every chunk.
         self.order = tf.pad(order, [[0, self.max_chunks * chunk - n]])
@@ -320,7 +385,9 @@ class _ChunkLoop:
         scale = self.factor if upstream is None or upstream is False else self.factor * tf.cast(upstream, dtype)
         num_chunks = (self.n_active + chunk - 1) // chunk
         columns = tf.range(chunk)
-        slices = class_slices(kernel.shape[1])
+        transposed = self.transpose_kernel
+        cap = None if self.cap is None else _checks.cast_number(self.cap, dtype)
+        slices = class_slices(kernel.shape[0 if transposed else 1])
 
         def body(c, ce_ta, lse_ta, d_hidden, d_kernel, d_bias):
             start = c * chunk
@@ -330,9 +397,13 @@ class _ChunkLoop:
             # Rows past the real tokens repeat padded tokens, whose hidden states may hold inf or NaN.
             h = tf.where(live[:, None], h, tf.zeros([], dtype))
             labels = tf.gather(self.labels, rows)
-            logits = tf.matmul(h, kernel_c)
+            # A `[classes, features]` kernel is read as it is by the matmul: no transposed copy.
+            logits = tf.matmul(h, kernel_c, transpose_b=transposed)
             if bias_c is not None:
                 logits = tf.nn.bias_add(logits, bias_c)
+            if cap is not None:
+                tanh = tf.math.tanh(logits / cap)
+                logits = cap * tanh
             zero = tf.zeros([], dtype)
             if with_grad:
                 coef = tf.where(live, tf.gather(scale, rows), zero)
@@ -343,10 +414,12 @@ class _ChunkLoop:
             lse_ta = lse_ta.write(c, tf.where(live, lse, zero))
             if not with_grad:
                 return c + 1, ce_ta, lse_ta, d_hidden, d_kernel, d_bias
+            if cap is not None:
+                g *= 1.0 - tf.square(tanh)  # d(cap * tanh(x / cap)) / dx
             # Adds exact zeros at the rows past the real tokens (padded tokens, or token 0 repeated).
-            d_hidden = tf.tensor_scatter_nd_add(d_hidden, rows[:, None], tf.cast(_times_transposed(g, kernel_c, xla),
-                                                                                 hidden.dtype))
-            d_kernel = _add_kernel_gradient(d_kernel, h, g, slices, in_place)
+            d_rows = tf.matmul(g, kernel_c) if transposed else _times_transposed(g, kernel_c, xla)
+            d_hidden = tf.tensor_scatter_nd_add(d_hidden, rows[:, None], tf.cast(d_rows, hidden.dtype))
+            d_kernel = _add_kernel_gradient(d_kernel, h, g, slices, in_place, transposed)
             if bias_c is not None:
                 d_bias += tf.reduce_sum(g, axis=0)
             return c + 1, ce_ta, lse_ta, d_hidden, d_kernel, d_bias
@@ -365,7 +438,8 @@ class _ChunkLoop:
             if slices is None or len(slices) == 1 or in_place:  # one buffer
                 d_kernel = tf.zeros(tf.shape(kernel_c), dtype)
             else:  # one accumulator a slice of classes, concatenated after the loop
-                d_kernel = tuple(tf.zeros([features, size], dtype) for _, size in slices)
+                d_kernel = tuple(tf.zeros([size, features] if transposed else [features, size], dtype)
+                                 for _, size in slices)
             d_bias = tf.zeros(tf.shape(bias_c), dtype) if bias_c is not None else tf.zeros([], dtype)
         else:
             d_hidden = d_kernel = d_bias = tf.zeros([], dtype)
@@ -380,7 +454,7 @@ class _ChunkLoop:
         if not with_grad:
             return ce, lse, (None, None, None)
         if isinstance(d_kernel, tuple):
-            d_kernel = tf.concat(d_kernel, axis=1)
+            d_kernel = tf.concat(d_kernel, axis=0 if transposed else 1)
         d_kernel = tf.cast(d_kernel, kernel.dtype)
         d_bias = None if bias is None else tf.cast(d_bias, bias.dtype)
         return ce, lse, (d_hidden, d_kernel, d_bias)
@@ -446,23 +520,31 @@ def class_slices(num_classes):
     return [(start, min(size, num_classes - start)) for start in range(0, num_classes, size)]
 
 
-def _add_kernel_gradient(d_kernel, h, g, slices, in_place):
+def _add_kernel_gradient(d_kernel, h, g, slices, in_place, transposed=False):
     """Returns `d_kernel + h^T @ g`, without a kernel-sized temporary when the classes are static.
 
-    `d_kernel` is one `[features, classes]` tensor, or (for two or more static slices, unless
-    `in_place`) a tuple of one accumulator for each of `slices`. `in_place` (only inside an XLA
-    compilation) updates the one tensor slice after slice with XLA's `dynamic_update_slice`.
+    `d_kernel` is one `[features, classes]` tensor (`[classes, features]` and `g^T @ h` when
+    `transposed`), or (for two or more static slices, unless `in_place`) a tuple of one accumulator for
+    each of `slices`. `in_place` (only inside an XLA compilation) updates the one tensor slice after
+    slice with XLA's `dynamic_update_slice`.
     """
-    if slices is None or len(slices) == 1:
-        return d_kernel + tf.matmul(h, g, transpose_a=True)
-    if not in_place:
-        return tuple(acc + tf.matmul(h, g[:, start:start + size], transpose_a=True)
-                     for acc, (start, size) in zip(d_kernel, slices))
+    def product(g_slice):
+        if transposed:
+            return tf.matmul(g_slice, h, transpose_a=True)
+        return tf.matmul(h, g_slice, transpose_a=True)
 
-    features, tokens = tf.shape(d_kernel)[0], tf.shape(g)[0]
+    if slices is None or len(slices) == 1:
+        return d_kernel + product(g)
+    if not in_place:
+        return tuple(acc + product(g[:, start:start + size]) for acc, (start, size) in zip(d_kernel, slices))
+
+    features, tokens = tf.shape(d_kernel)[1 if transposed else 0], tf.shape(g)[0]
 
     def add_slice(d_kernel, start, size):
-        update = tf.matmul(h, tf.slice(g, [0, start], [tokens, size]), transpose_a=True)
+        update = product(tf.slice(g, [0, start], [tokens, size]))
+        if transposed:
+            current = tf.slice(d_kernel, [start, 0], [size, features])
+            return _dynamic_update_slice(d_kernel, current + update, tf.stack([start, 0]))
         current = tf.slice(d_kernel, [0, start], [features, size])
         return _dynamic_update_slice(d_kernel, current + update, tf.stack([0, start]))
 
@@ -489,10 +571,10 @@ def _first_order_only(x, *inputs):
 
 
 def sampled_sequence_loss(
-    hidden,
-    kernel,
-    targets,
-    weights=None,
+    hidden: TensorLike,
+    kernel: TensorLike,
+    targets: TensorLike,
+    weights: Optional[TensorLike] = None,
     average_across_timesteps: bool = True,
     average_across_batch: bool = True,
     sum_over_timesteps: bool = False,
@@ -500,17 +582,19 @@ def sampled_sequence_loss(
     name: Optional[str] = None,
     *,
     num_sampled: int,
-    bias=None,
-    lengths=None,
+    bias: Optional[TensorLike] = None,
+    lengths: Optional[TensorLike] = None,
     padding_id: Optional[int] = None,
     epsilon: Optional[float] = None,
     remove_accidental_hits: bool = True,
-    sampled_values=None,
+    sampled_values: Optional[Tuple[TensorLike, TensorLike, TensorLike]] = None,
     seed: Optional[int] = None,
-    normalizer=None,
-    label_smoothing=0.0,
-    z_loss=0.0,
-):
+    normalizer: Optional[Union[str, float, TensorLike]] = None,
+    label_smoothing: Union[float, TensorLike] = 0.0,
+    z_loss: float = 0.0,
+    transpose_kernel: bool = False,
+    logit_soft_cap: Optional[float] = None,
+) -> tf.Tensor:
     """Returns the sampled-softmax sequence loss of `hidden @ kernel + bias`, for training only.
 
     Each real token's loss is `tf.nn.sampled_softmax_loss` of its hidden state: the softmax over its
@@ -527,7 +611,8 @@ def sampled_sequence_loss(
     Args:
         hidden: `[batch, time, features]` float hidden states.
         kernel: `[features, classes]` output projection (transposed for `tf.nn.sampled_softmax_loss`,
-            which takes `[classes, features]`); `classes` must be known when traced.
+            which takes `[classes, features]`), or `[classes, features]` with `transpose_kernel=True`;
+            `classes` must be known when traced.
         targets: `[batch, time]` integer class ids.
         weights: `[batch, time]` float weights, as in `sequence_loss`; `None` means all ones.
         average_across_timesteps: the contrib flag, as in `sequence_loss`.
@@ -553,6 +638,12 @@ def sampled_sequence_loss(
             over every class, while a sampled softmax sees only the target and the sampled classes.
         z_loss: keyword-only. Refused unless 0 (`ValueError`): the z-loss penalises the log-sum-exp over
             every class, which a sampled softmax never computes.
+        transpose_kernel: keyword-only. True takes a `[classes, features]` kernel (e.g. a tied token
+            embedding), which `tf.nn.sampled_softmax_loss` gathers the sampled rows of as it is: no
+            transposed copy of the whole kernel (False transposes it once per call).
+        logit_soft_cap: keyword-only. Refused unless None (`ValueError`): `tf.nn.sampled_softmax_loss`
+            subtracts the log sampling probabilities inside the op, right after forming the logits, and
+            a cap would have to act between the two; train a capped model with `linear_sequence_loss`.
 
     Returns:
         The reduced loss, shaped as `sequence_loss`'s output for the flags.
@@ -579,7 +670,12 @@ def sampled_sequence_loss(
     options = LossOptions(
         average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
         label_smoothing=label_smoothing, z_loss=z_loss, normalizer=normalizer, epsilon=epsilon,
-        padding_id=padding_id)
+        padding_id=padding_id, logit_soft_cap=logit_soft_cap)
+    if options.logit_soft_cap is not None:
+        refuse("sampled_sequence_loss", "logit_soft_cap", options.logit_soft_cap, "None",
+               "`tf.nn.sampled_softmax_loss` subtracts the log sampling probabilities from the logits inside "
+               "the op, and the cap would have to act before that correction; cap with "
+               "`linear_sequence_loss(logit_soft_cap=...)` instead")
     if not _checks.is_zero(options.label_smoothing):
         refuse("sampled_sequence_loss", "label_smoothing", options.label_smoothing, "0",
                "TF1 label smoothing spreads probability mass over every class, and a sampled softmax sees "
@@ -591,10 +687,11 @@ def sampled_sequence_loss(
     if isinstance(num_sampled, (bool, np.bool_)) or not isinstance(num_sampled, (int, np.integer)) or num_sampled < 1:
         raise ValueError(_checks.invalid_value("num_sampled", "a positive int", repr(num_sampled)))
     with tf.name_scope(name or "sampled_sequence_loss"):
-        hidden, kernel, bias = check_head(hidden, kernel, bias)
-        num_classes = kernel.shape[1]
+        hidden, kernel, bias = check_head(hidden, kernel, bias, transpose_kernel)
+        classes_axis = 0 if transpose_kernel else 1
+        num_classes = kernel.shape[classes_axis]
         if num_classes is None:
-            raise ValueError("The number of classes (`kernel.shape[1]`) must be known when "
+            raise ValueError(f"The number of classes (`kernel.shape[{classes_axis}]`) must be known when "
                              f"`sampled_sequence_loss` is traced. Received: kernel.shape={kernel.shape}")
         if _fused.in_xla_compilation() and (sampled_values is None or remove_accidental_hits):
             # TensorFlow's candidate samplers and `ComputeAccidentalHits` have no XLA kernel.
@@ -611,7 +708,7 @@ def sampled_sequence_loss(
                                                padding_id=options.padding_id, reference_arg="hidden")
         valid, safe_targets = _cross_entropy.checked_ids(targets, num_classes)
         safe_targets = tf.cast(safe_targets, tf.int64)
-        class_weights = tf.transpose(kernel)
+        class_weights = kernel if transpose_kernel else tf.transpose(kernel)
         class_bias = tf.zeros([num_classes], kernel.dtype) if bias is None else bias
 
         def sampled_loss(labels, logits):  # `logits` are the flat hidden states here

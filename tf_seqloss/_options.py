@@ -35,6 +35,8 @@ class LossOptions:
         sum_over_timesteps, sum_over_batch: TFA's flags (divide by the count of non-zero weights).
         label_smoothing: TF1 label smoothing in `[0, 1]`; a scalar float tensor where `allow_tensors`.
         z_loss: PaLM's z-loss weight in `[0, inf)`, a Python float once checked.
+        logit_soft_cap: None, or a positive finite Python float `cap`: the logits become
+            `cap * tanh(logits / cap)` before the softmax (Gemma's soft-capping).
         normalizer: None, `"global"` or a positive token count (a tensor where `allow_tensors`).
         epsilon: None, or a non-negative number added to the normaliser.
         padding_id: None or a Python int marking padding in sparse targets.
@@ -50,6 +52,7 @@ class LossOptions:
     sum_over_batch: bool = False
     label_smoothing: Any = 0.0
     z_loss: Any = 0.0
+    logit_soft_cap: Optional[float] = None
     normalizer: Any = None
     epsilon: Optional[float] = None
     padding_id: Optional[int] = None
@@ -77,6 +80,7 @@ class LossOptions:
         store("padding_id", _checks.check_padding_id(self.padding_id))
         store("label_smoothing", _checks.check_label_smoothing(self.label_smoothing, allow_tensor=allow_tensors))
         store("z_loss", _checks.check_z_loss(self.z_loss))
+        store("logit_soft_cap", check_logit_soft_cap(self.logit_soft_cap))
         _checks.check_epsilon(self.epsilon)
         _cross_entropy.check_implementation(self.implementation)
         store("from_logits", _check_bool("from_logits", self.from_logits))
@@ -87,6 +91,7 @@ class LossOptions:
             for field, default, hint in (
                     ("label_smoothing", 0.0, "smooth the labels inside your function instead"),
                     ("z_loss", 0.0, "add it inside your function"),
+                    ("logit_soft_cap", None, "cap the logits inside your function"),
                     ("from_logits", True, "the function receives `y_pred` as it is; turn probabilities into "
                                           "what it expects inside it")):
                 value = getattr(self, field)
@@ -99,6 +104,11 @@ class LossOptions:
                 "Invalid combination of arguments: `z_loss` cannot be combined with `from_logits=False`: the z-loss "
                 "penalises the log-sum-exp of logits, which probabilities do not determine. "
                 f"Received: z_loss={self.z_loss!r}")
+        if not self.from_logits and self.logit_soft_cap is not None:
+            raise ValueError(
+                "Invalid combination of arguments: `logit_soft_cap` cannot be combined with `from_logits=False`: "
+                "the cap bends logits (`cap * tanh(logits / cap)`), and probabilities are not logits. "
+                f"Received: logit_soft_cap={self.logit_soft_cap!r}, from_logits=False")
 
     @property
     def flags(self) -> dict:
@@ -124,6 +134,32 @@ class LossOptions:
 
 FIELDS = tuple(field.name for field in dataclasses.fields(LossOptions))
 """The option names, in the order of `LossOptions`."""
+
+
+def check_logit_soft_cap(logit_soft_cap) -> Optional[float]:
+    """Returns `logit_soft_cap` as a Python float (or None) after checking it is a positive finite number."""
+    if logit_soft_cap is None:
+        return None
+    if not _checks.is_real_number(logit_soft_cap):
+        raise TypeError(_checks.invalid_value(
+            "logit_soft_cap", "None or a positive finite Python or NumPy number (logits become "
+            "`cap * tanh(logits / cap)`)", f"{logit_soft_cap!r} of type {type(logit_soft_cap).__name__}"))
+    value = float(logit_soft_cap)
+    if not 0.0 < value < np.inf:  # NaN fails too
+        raise ValueError(_checks.invalid_value("logit_soft_cap", "None or a positive finite number",
+                                               repr(logit_soft_cap)))
+    return value
+
+
+def soft_cap(logits: tf.Tensor, cap: Optional[float]) -> tf.Tensor:
+    """Returns `cap * tanh(logits / cap)` (Gemma's soft-capping), or `logits` for `cap=None`.
+
+    Callers keep padded logits out first: the tanh of a NaN would make a zero upstream gradient NaN.
+    """
+    if cap is None:
+        return logits
+    cap = _checks.cast_number(cap, logits.dtype)
+    return cap * tf.math.tanh(logits / cap)
 
 
 def refuse(owner: str, option: str, value, expected: str, reason: str) -> None:

@@ -8,7 +8,7 @@ import tensorflow as tf
 from tensorflow.types.experimental import TensorLike
 
 from tf_seqloss import _checks, _cross_entropy, _padding
-from tf_seqloss._options import LossOptions, reduce_tokens
+from tf_seqloss._options import LossOptions, reduce_tokens, soft_cap
 
 _LAYOUT_LOGITS = "[batch, time, classes]"
 _LAYOUT_TARGETS = "[batch, time] class ids, or [batch, time, classes] probabilities"
@@ -40,6 +40,7 @@ def sequence_loss(
     normalizer: Optional[Union[str, float, TensorLike]] = None,
     z_loss: float = 0.0,
     from_logits: bool = True,
+    logit_soft_cap: Optional[float] = None,
 ) -> tf.Tensor:
     """Returns the weighted cross-entropy of a batch of sequences, reduced as the flags say.
 
@@ -128,6 +129,12 @@ def sequence_loss(
             softmax's output), as Keras' cross-entropies take them with `from_logits=False`: clipped to
             `[1e-7, 1 - 1e-7]` (class ids) or divided by their row sum and clipped (probability targets),
             then their log is taken. Not allowed with `softmax_loss_function` or `z_loss`.
+        logit_soft_cap: keyword-only. `None` (default), or a positive finite number `cap`: every logit
+            becomes `cap * tanh(logit / cap)` before the softmax, as Gemma-family models cap theirs (the
+            name Keras' `ReversibleEmbedding` uses). The cross-entropy, label smoothing and z-loss are
+            those of the capped logits, and the gradient includes the tanh's derivative. Every
+            `implementation` supports it; half-precision logits are capped in float32. Not allowed with
+            `softmax_loss_function` or `from_logits=False`.
 
     `weights`, `lengths` and `padding_id` combine: the effective weight of a token is `weights` where
     `sequence_mask(lengths)` is true and the target is not `padding_id`, and exactly 0 elsewhere.
@@ -169,12 +176,20 @@ def sequence_loss(
     >>> targets = tf.constant([[1, 2, 0], [4, 0, 0]])
     >>> float(tf_seqloss.sequence_loss(logits, targets, lengths=[3, 1]))  # log(5)
     1.609437...
+
+    Soft-capping: with `logit_soft_cap=30`, a logit of 100 counts as `30 * tanh(100 / 30)`, about 29.9.
+
+    >>> import numpy as np
+    >>> logits = tf.constant([[[100.0, 0.0]]])
+    >>> capped = tf_seqloss.sequence_loss(logits, [[1]], logit_soft_cap=30.0)
+    >>> bool(abs(float(capped) - 30 * np.tanh(100 / 30)) < 1e-3)  # log(1 + e^29.9) - 0
+    True
     """
     options = LossOptions(
         average_across_timesteps, average_across_batch, sum_over_timesteps, sum_over_batch,
         label_smoothing=label_smoothing, z_loss=z_loss, normalizer=normalizer, epsilon=epsilon,
         padding_id=padding_id, from_logits=from_logits, softmax_loss_function=softmax_loss_function,
-        implementation=implementation)
+        implementation=implementation, logit_soft_cap=logit_soft_cap)
     with tf.name_scope(name or "sequence_loss"):
         return compute_sequence_loss(logits, targets, options, weights=weights, lengths=lengths)
 
@@ -265,6 +280,12 @@ def token_losses(logits, targets, options: LossOptions, *, weights=None, sample_
         logits, targets, dtype=dtype, weights=ragged.weights, sample_weight=sample_weight, lengths=lengths,
         padding_id=padding_id, mask=mask)
 
+    if options.logit_soft_cap is not None:
+        # Capped in the compute dtype, padding zeroed first: every implementation then sees capped logits,
+        # and a padded NaN never meets the tanh, whose derivative would turn its zero gradient into NaN.
+        active = None if token_weights is None else tf.not_equal(token_weights, 0)
+        logits = _cross_entropy._inert_padding(tf.cast(logits, dtype), active)
+        logits = soft_cap(logits, options.logit_soft_cap)
     label_smoothing, implementation = options.label_smoothing, options.implementation
     if options.softmax_loss_function is not None:
         weighted = _cross_entropy.custom_cross_entropy(
