@@ -302,3 +302,125 @@ def test_unmarked_padding_warning_and_exact_values_under_a_strategy():
     np.testing.assert_allclose(out["logs"]["w_ppl"], _exact(logits, y, sample_weight)[0], rtol=1e-5)
     np.testing.assert_allclose(out["logs"]["ppl"], _exact(logits, y, np.ones(y.shape))[0], rtol=1e-5)
     assert len(out["warnings"]) == 1 and "'ppl'" in out["warnings"][0]
+
+
+# ---- Given hidden states in place of logits (issue 21): refused, or NaN in a graph, never plausible
+
+@pytest.mark.parametrize("cls", [tf_seqloss.TokenPerplexity, tf_seqloss.TokenAccuracy])
+def test_hidden_states_narrower_than_the_ids_are_refused_naming_y_pred(cls):
+    hidden = np.random.default_rng(0).normal(size=(2, 3, 8)).astype("float32")   # width 8, ids up to 49
+    targets = np.array([[1, 49, 3], [7, 2, 0]])
+    with pytest.raises(ValueError, match=r"Invalid value for argument `y_pred`.*largest id of `y_true` \(49\)"
+                                         r".*Received: y_pred=a tensor of shape \(2, 3, 8\)"):
+        cls().update_state(targets, hidden)
+    with pytest.raises(ValueError, match=r"Invalid value for argument `y_pred`.*rank 3.*shape \(2, 3\)"):
+        cls().update_state(targets, hidden[..., 0])
+
+
+@pytest.mark.parametrize("cls", [tf_seqloss.TokenPerplexity, tf_seqloss.TokenAccuracy])
+def test_ids_past_the_classes_at_padding_only_are_accepted(cls):
+    # Padding written as id `classes` (a common convention) with weight 0 is not an error.
+    logits, targets, mask = _data()
+    padded = np.where(mask > 0, targets, VOCAB)
+    metric = cls()
+    metric.update_state(padded, logits, sample_weight=mask)
+    expected = _exact(logits, targets, mask)[0 if cls is tf_seqloss.TokenPerplexity else 1]
+    np.testing.assert_allclose(float(metric.result()), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("cls", [tf_seqloss.TokenPerplexity, tf_seqloss.TokenAccuracy])
+def test_ids_past_the_classes_in_a_graph_give_nan(cls, jit_compile):
+    metric = cls()
+    hidden = np.random.default_rng(1).normal(size=(2, 3, 8)).astype("float32")
+    targets = np.array([[1, 3, 5], [7, 2, 0]])
+    targets_past = np.array([[1, 49, 5], [7, 2, 0]])
+
+    @tf.function(jit_compile=jit_compile)
+    def update(y_true, y_pred):
+        metric.update_state(y_true, y_pred)
+
+    update(tf.constant(targets), tf.constant(hidden))
+    assert np.isfinite(float(metric.result()))
+    update(tf.constant(targets_past), tf.constant(hidden))   # One token past the classes: the epoch is NaN.
+    assert np.isnan(float(metric.result()))
+
+
+# ---- From the fused head: `linear_sequence_loss(..., return_token_stats=True)`, no logits
+
+FUSED_FEATURES, FUSED_CLASSES = 5, 13
+
+
+def _fused_data(seed, batch=4, time=6):
+    rng = np.random.default_rng(seed)
+    hidden = rng.normal(size=(batch, time, FUSED_FEATURES)).astype("float32")
+    kernel = rng.normal(size=(FUSED_FEATURES, FUSED_CLASSES)).astype("float32")
+    kernel[:, 7] = kernel[:, 2]   # Classes 2 and 7 tie at every token: argmax takes the lowest id, 2.
+    kernel[:, 11] = kernel[:, 4]
+    bias = np.zeros(FUSED_CLASSES, "float32")
+    lengths = rng.integers(1, time + 1, size=batch)
+    mask = (np.arange(time) < lengths[:, None]).astype("float64")
+    logits = hidden.astype("float64") @ kernel.astype("float64")
+    predicted = logits.argmax(-1)
+    # Targets: half the tokens at the predicted class, so that accuracy is far from 0 and from 1.
+    targets = np.where(rng.random(mask.shape) < 0.5, predicted, rng.integers(0, FUSED_CLASSES, size=mask.shape))
+    return hidden, kernel, bias, targets.astype("int32"), lengths, mask, logits
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+def test_token_stats_match_numpy_float64_on_the_materialised_logits(mode):
+    hidden, kernel, bias, targets, lengths, mask, logits = _fused_data(0)
+    # Tied maxima occur (at class 2 = 7 or 4 = 11), and NumPy's rule picks the lower id.
+    assert (logits[..., 2] == logits[..., 7]).all() and np.isin(logits.argmax(-1), [2, 4]).any()
+
+    def run(hidden, kernel, bias, targets):
+        # Label smoothing and z-loss change the loss, not the stats (plain cross-entropy).
+        return tf_seqloss.linear_sequence_loss(hidden, kernel, targets, bias=bias, lengths=lengths, chunk_size=4,
+                                               label_smoothing=0.1, z_loss=1e-3, return_token_stats=True)
+
+    if mode != "eager":
+        run = tf.function(run, jit_compile=mode == "xla")
+    loss, stats = run(hidden, kernel, bias, targets)
+    assert isinstance(stats, tf_seqloss.TokenStats)
+    expected_loss = reference.sequence_loss(logits, targets, mask, label_smoothing=0.1, z_loss=1e-3)
+    np.testing.assert_allclose(float(loss), expected_loss, rtol=1e-5)
+    ce = reference.token_cross_entropy(logits, targets)
+    np.testing.assert_array_equal(stats.predictions.numpy(), np.where(mask > 0, logits.argmax(-1), 0))
+    np.testing.assert_allclose(stats.cross_entropy.numpy(), mask * ce, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(stats.weights.numpy(), mask)
+    np.testing.assert_array_equal(stats.targets.numpy(), targets)
+
+
+def test_metrics_from_token_stats_are_exact_over_uneven_batches():
+    perplexity, accuracy = tf_seqloss.TokenPerplexity(), tf_seqloss.TokenAccuracy()
+    pooled = []
+    for seed, (batch, time) in enumerate([(4, 6), (1, 9), (3, 2)]):
+        hidden, kernel, bias, targets, lengths, mask, logits = _fused_data(seed, batch, time)
+        kernel = _fused_data(0)[1]   # One head over the epoch.
+        logits = hidden.astype("float64") @ kernel.astype("float64")
+        _, stats = tf_seqloss.linear_sequence_loss(hidden, kernel, targets, lengths=lengths,
+                                                   return_token_stats=True)
+        for metric in (perplexity, accuracy):
+            metric.update_from_token_stats(stats)
+        pooled.append((reference.token_cross_entropy(logits, targets)[mask > 0],
+                       (logits.argmax(-1) == targets)[mask > 0]))
+    ce = np.concatenate([c for c, _ in pooled])
+    correct = np.concatenate([c for _, c in pooled])
+    np.testing.assert_allclose([float(perplexity.result()), float(accuracy.result())],
+                               [np.exp(ce.mean()), correct.mean()], rtol=1e-5)
+    assert 0.2 < correct.mean() < 0.9
+
+
+def test_token_stats_with_an_id_past_the_classes_give_nan_and_bad_stats_are_refused():
+    hidden, kernel, _, targets, lengths, mask, _ = _fused_data(3)
+    targets = targets.copy()
+    targets[0, 0] = FUSED_CLASSES   # a real token (every row has length >= 1)
+    _, stats = tf_seqloss.linear_sequence_loss(hidden, kernel, targets, lengths=lengths, return_token_stats=True)
+    for cls in (tf_seqloss.TokenPerplexity, tf_seqloss.TokenAccuracy):
+        metric = cls()
+        metric.update_from_token_stats(stats)
+        assert np.isnan(float(metric.result()))
+        with pytest.raises(TypeError, match="Invalid value for argument `stats`"):
+            metric.update_from_token_stats((1, 2))
+    with pytest.raises(TypeError, match="Invalid value for argument `return_token_stats`"):
+        tf_seqloss.linear_sequence_loss(hidden, kernel, targets, return_token_stats="yes")
