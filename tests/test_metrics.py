@@ -6,7 +6,10 @@ routes is in `test_distribute_normalizer.py`; the one of the unmarked-padding wa
 """
 
 import doctest
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import textwrap
 import warnings
@@ -17,7 +20,7 @@ import tensorflow as tf
 
 import tf_seqloss
 from tests import reference
-from tests.child import run_script
+from tests.child import ROOT, run_script
 from tf_seqloss import _metrics
 from tf_seqloss._keras import keras
 
@@ -424,3 +427,91 @@ def test_token_stats_with_an_id_past_the_classes_give_nan_and_bad_stats_are_refu
             metric.update_from_token_stats((1, 2))
     with pytest.raises(TypeError, match="Invalid value for argument `return_token_stats`"):
         tf_seqloss.linear_sequence_loss(hidden, kernel, targets, return_token_stats="yes")
+
+
+# ---- `FusedLinearHead(token_metrics=True)`: the metrics in `fit`'s history and in a custom loop
+
+HEAD_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+
+    devices = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+    if devices > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
+
+    import tf_seqloss
+    from tf_seqloss._keras import keras
+
+    VOCAB, TIME, FEATURES = 11, 6, 4
+    rng = np.random.default_rng(0)
+    lengths = np.array([6, 1, 5, 4, 2, 6, 3, 1])   # Batches of 3, 3, 2 rows: 12, 12 and 4 tokens.
+    mask = np.arange(TIME) < lengths[:, None]
+    tokens = rng.integers(1, VOCAB, size=mask.shape).astype("int32")
+    targets = (rng.integers(1, VOCAB, size=mask.shape) * mask).astype("int32")
+
+    def build():
+        tokens_in, targets_in = keras.Input((TIME,), dtype="int32"), keras.Input((TIME,), dtype="int32")
+        normal = keras.initializers.RandomNormal(stddev=1.0, seed=1)
+        hidden = keras.layers.Embedding(VOCAB, FEATURES, embeddings_initializer=normal)(tokens_in)
+        head = tf_seqloss.FusedLinearHead(VOCAB, padding_id=0, token_metrics=True, kernel_initializer=normal,
+                                          normalizer="global")
+        return keras.Model([tokens_in, targets_in], head(hidden, targets_in)), head
+
+    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(devices)]) if devices > 1 else None
+    with strategy.scope() if strategy else tf.init_scope():
+        model, head = build()
+        model.compile(optimizer=keras.optimizers.SGD(0.0))   # Fixed weights: every epoch sees one model.
+    history = model.fit([tokens, targets], None, batch_size=4 if strategy else 3, epochs=2, verbose=0,
+                        shuffle=False)
+    embedding = model.layers[1].get_weights()[0]
+    out = dict(history={k: [float(v) for v in vs] for k, vs in history.history.items()},
+               hidden=embedding[tokens].tolist(), kernel=head.kernel.numpy().tolist(),
+               bias=head.bias.numpy().tolist(), targets=targets.tolist(), mask=mask.tolist())
+    if strategy is None:   # A custom loop: the layer's metrics, read and reset by hand.
+        head.token_accuracy.reset_state()
+        head.token_perplexity.reset_state()
+        for part in (slice(0, 5), slice(5, 8)):
+            model([tokens[part], targets[part]])
+        out["loop"] = [float(head.token_perplexity.result()), float(head.token_accuracy.result())]
+    print("RESULTS" + json.dumps(out))
+''')
+
+
+def _head_reference(out):
+    logits = np.array(out["hidden"]) @ np.array(out["kernel"]) + np.array(out["bias"])
+    targets, mask = np.array(out["targets"]), np.array(out["mask"], "float64")
+    return _exact(logits, targets, mask)
+
+
+def _run_head_script(devices):
+    # `run_script` takes no arguments for the child; the device count is one.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", HEAD_SCRIPT, str(devices)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = [line for line in done.stdout.splitlines() if line.startswith("RESULTS")][-1]
+    return json.loads(line[len("RESULTS"):])
+
+
+def test_fused_head_token_metrics_in_fit_history_and_a_custom_loop_are_exact():
+    # In a child: the flavour (Keras 3 or tf_keras) is the environment's, as for the parent.
+    out = _run_head_script(1)
+    expected = _head_reference(out)
+    history = out["history"]
+    for epoch in range(2):   # Reset between epochs; exact over uneven batches (not a mean of batch values).
+        np.testing.assert_allclose([history["token_perplexity"][epoch], history["token_accuracy"][epoch]],
+                                   expected, rtol=1e-5)
+    np.testing.assert_allclose(out["loop"], expected, rtol=1e-5)
+    assert 0.0 < expected[1] < 1.0
+
+
+@pytest.mark.slow
+def test_fused_head_token_metrics_under_a_strategy_equal_one_device():
+    single, mirrored = _run_head_script(1), _run_head_script(2)
+    expected = _head_reference(mirrored)
+    np.testing.assert_allclose(mirrored["history"]["token_perplexity"], [expected[0]] * 2, rtol=1e-5)
+    np.testing.assert_allclose(mirrored["history"]["token_accuracy"], [expected[1]] * 2, rtol=1e-5)
+    np.testing.assert_allclose(mirrored["history"]["token_perplexity"], single["history"]["token_perplexity"],
+                               rtol=1e-5)

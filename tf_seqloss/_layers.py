@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
-from tf_seqloss import _checks, _distribute, _keras, _linear_head
+from tf_seqloss import _checks, _distribute, _keras, _linear_head, _metrics
 from tf_seqloss._keras import keras
 from tf_seqloss._keras_loss import SequenceLoss, reduced_loss
 from tf_seqloss._options import FIELDS, FLAGS, LossOptions, expose, for_add_loss, refuse
@@ -236,6 +236,11 @@ class FusedLinearHead(keras.layers.Layer):
         reduction: keyword-only. As in `tf_seqloss.SequenceLossLayer`: `"sum_over_batch_size"`
             (default) or another mean reduction of the running Keras averages a non-scalar loss, `"sum"`
             sums it.
+        token_metrics: keyword-only. If True, the layer owns a `TokenAccuracy` and a `TokenPerplexity`
+            (`layer.token_accuracy`, `layer.token_perplexity`, named `"token_accuracy"` and
+            `"token_perplexity"`) and updates them from the fused loop at every call with targets (the
+            argmax and cross-entropy of each token, no logits): `fit` and `evaluate` log them (both
+            Kerases); a custom loop reads and resets them.
         **kwargs: passed to `keras.layers.Layer` (`name`, `dtype`, ...); `dtype` must be floating (the
             kernel's), e.g. `"float32"` or `"mixed_bfloat16"`.
 
@@ -271,6 +276,7 @@ class FusedLinearHead(keras.layers.Layer):
         top_k: Optional[int] = None,
         reduction: str = "sum_over_batch_size",
         normalizer=None,
+        token_metrics: bool = False,
         **kwargs,
     ):
         for option, reason in _NOT_HEAD_OPTIONS.items():
@@ -297,6 +303,12 @@ class FusedLinearHead(keras.layers.Layer):
         self.top_k = top_k
         self.reduction = reduction
         self.supports_masking = True
+        if not isinstance(token_metrics, (bool, np.bool_)):
+            raise TypeError(_checks.invalid_value("token_metrics", "True or False", repr(token_metrics)))
+        self.token_metrics = bool(token_metrics)
+        if self.token_metrics:  # Tracked by the layer: both Kerases log and reset them with the model's.
+            self.token_accuracy = _metrics.TokenAccuracy()
+            self.token_perplexity = _metrics.TokenPerplexity()
 
     def build(self, hidden_shape, *args, **kwargs):
         features = tuple(hidden_shape)[-1]
@@ -326,9 +338,14 @@ class FusedLinearHead(keras.layers.Layer):
         if targets.dtype.is_floating:
             targets = tf.cast(targets, tf.int64)  # Keras may hand ids over as floats.
         _warn_about_logged_global_loss(self)
-        loss, log_sum_exp = _linear_head.compute_linear_sequence_loss(
+        loss, log_sum_exp, *stats = _linear_head.compute_linear_sequence_loss(
             hidden, kernel, targets, self._options, bias=bias, weights=weights, lengths=lengths, mask=mask,
-            chunk_size=self.chunk_size, return_log_sum_exp=True)
+            chunk_size=self.chunk_size, return_log_sum_exp=True, return_token_stats=self.token_metrics)
+        # tf_keras builds a functional model in a strategy's cross-replica context, where a sum-aggregated
+        # variable takes no update; the steps run in the replica context.
+        building = tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context()
+        for metric in (self.token_accuracy, self.token_perplexity) if stats and not building else ():
+            metric.update_from_token_stats(stats[0])
         self.add_loss(for_add_loss(loss, self._options, self.reduction))
         return log_sum_exp
 
@@ -353,6 +370,8 @@ class FusedLinearHead(keras.layers.Layer):
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
             **self._options.config(*_HEAD_OPTIONS),
             chunk_size=self.chunk_size, top_k=self.top_k, reduction=self.reduction)
+        if self.token_metrics:  # Only when set: configs saved before the option load unchanged.
+            config["token_metrics"] = True
         return config
 
 
