@@ -515,3 +515,23 @@ def test_fused_head_token_metrics_under_a_strategy_equal_one_device():
     np.testing.assert_allclose(mirrored["history"]["token_accuracy"], [expected[1]] * 2, rtol=1e-5)
     np.testing.assert_allclose(mirrored["history"]["token_perplexity"], single["history"]["token_perplexity"],
                                rtol=1e-5)
+
+
+def test_fused_head_token_metrics_config_and_keras_file():
+    head = tf_seqloss.FusedLinearHead(VOCAB, padding_id=0, token_metrics=True)
+    assert head.get_config()["token_metrics"] is True
+    assert "token_metrics" not in tf_seqloss.FusedLinearHead(VOCAB).get_config()   # older configs unchanged
+    with pytest.raises(TypeError, match="Invalid value for argument `token_metrics`"):
+        tf_seqloss.FusedLinearHead(VOCAB, token_metrics="yes")
+    tokens_in, targets_in = keras.Input((TIME,), dtype="int32"), keras.Input((TIME,), dtype="int32")
+    hidden = keras.layers.Embedding(VOCAB, 3)(tokens_in)
+    model = keras.Model([tokens_in, targets_in], head(hidden, targets_in))
+    model.compile(optimizer="sgd")
+    _, targets, _ = _data()
+    logs = model.evaluate([targets, targets], None, verbose=0, return_dict=True)
+    path = os.path.join(tempfile.mkdtemp(), "trainer.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    reloaded = loaded.evaluate([targets, targets], None, verbose=0, return_dict=True)
+    np.testing.assert_allclose([reloaded["token_perplexity"], reloaded["token_accuracy"]],
+                               [logs["token_perplexity"], logs["token_accuracy"]], rtol=1e-6)
