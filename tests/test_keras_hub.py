@@ -50,9 +50,18 @@ def _reference(causal_lm, x, y, weights):
     return (weights * ce).sum() / weights.sum(), logits
 
 
-def test_loss_and_gradients_equal_the_materialised_model():
-    causal_lm = fused_hub.fused_causal_lm(keras_hub.models.GPT2CausalLM(_backbone(), preprocessor=None),
-                                          chunk_size=4)
+def _gemma():
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GemmaBackbone(vocabulary_size=VOCAB, num_layers=1, num_query_heads=2,
+                                              num_key_value_heads=1, hidden_dim=8, intermediate_dim=16, head_dim=4,
+                                              dropout=0.0)
+    return keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
+
+
+@pytest.mark.parametrize("task", ["gpt2", "gemma"])
+def test_loss_and_gradients_equal_the_materialised_model(task):
+    causal_lm = keras_hub.models.GPT2CausalLM(_backbone(), preprocessor=None) if task == "gpt2" else _gemma()
+    causal_lm = fused_hub.fused_causal_lm(causal_lm, chunk_size=4)
     x, y, weights = _batch()
     trainer = fused_hub._FusedTrainer(LossOptions(), 4)   # the loss `fit` steps take
     variables = causal_lm.trainable_weights
