@@ -228,3 +228,17 @@ def test_mirrored_strategy_with_the_global_normalizer_equals_one_device():
         np.testing.assert_allclose(two["history"][key], one["history"][key], rtol=1e-5, err_msg=key)
     for a, b in zip(one["weights"], two["weights"]):
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-6)
+
+
+def test_the_fused_loss_is_the_token_mean_where_keras_hubs_default_counts_padding():
+    # Pins the module docstring: on a padded batch the default divides by batch * time, the fused by sum(w).
+    causal_lm = keras_hub.models.GPT2CausalLM(_backbone(4), preprocessor=None)
+    causal_lm.compile(optimizer="sgd", jit_compile=False)
+    x, y, weights = _batch(4)
+    assert weights.mean() < 0.9
+    token_mean, logits = _reference(causal_lm, x, y, weights)
+    default = causal_lm.evaluate(x, y, sample_weight=weights, batch_size=4, verbose=0, return_dict=True)
+    np.testing.assert_allclose(default["loss"], token_mean * weights.mean(), rtol=1e-5)
+    fused_hub.fused_causal_lm(causal_lm)
+    fused = causal_lm.evaluate(x, y, sample_weight=weights, batch_size=4, verbose=0, return_dict=True)
+    np.testing.assert_allclose(fused["loss"], token_mean, rtol=1e-5)
