@@ -18,6 +18,13 @@ weighted by sequences), and from the same `sample_weight` or `mask_token_id` it 
   them (and the model compiled with them) in each;
 - probability targets, ragged inputs, and token accuracy over the same weights (`TokenAccuracy`).
 
+`y_pred` must be the logits (or probabilities). Hidden states in their place are refused with a
+`ValueError` naming `y_pred` when the ids are known (eagerly, or constants) and exceed its last axis, or
+when its rank is not 3; inside a graph, where the ids are only known when it runs, a real token whose id
+is past the last axis makes both metrics NaN until the next reset, never a plausible value. A model
+trained through a fused head (no logits) updates them with `update_from_token_stats` from
+`linear_sequence_loss(..., return_token_stats=True)`, or through `FusedLinearHead(token_metrics=True)`.
+
 Keras hands `sample_weight` only to the metrics in `compile(weighted_metrics=[...])`, never to those in
 `metrics=[...]`. When padding is marked by `sample_weight` alone (keras-hub's `(x, y, sample_weight)`
 batches), put these metrics in `weighted_metrics`, or give them `padding_id`. A metric updated with no
@@ -123,7 +130,7 @@ class _TokenMetric(keras.metrics.Metric):
 
         Hidden states given in place of logits (e.g. by a model trained through a fused head) would
         otherwise give a plausible accuracy and a NaN perplexity. In a graph, where the ids are only known
-        when it runs, such a token makes both metrics NaN for the rest of the epoch (see the class docs).
+        when it runs, such a token makes both metrics NaN until the next reset (see the module docstring).
         """
         classes = tokens.logits.shape[-1]
         if classes is None or tokens.targets.shape.rank != 2:
