@@ -6,7 +6,10 @@ routes is in `test_distribute_normalizer.py`; the one of the unmarked-padding wa
 """
 
 import doctest
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import textwrap
 import warnings
@@ -17,7 +20,7 @@ import tensorflow as tf
 
 import tf_seqloss
 from tests import reference
-from tests.child import run_script
+from tests.child import ROOT, run_script
 from tf_seqloss import _metrics
 from tf_seqloss._keras import keras
 
@@ -302,3 +305,233 @@ def test_unmarked_padding_warning_and_exact_values_under_a_strategy():
     np.testing.assert_allclose(out["logs"]["w_ppl"], _exact(logits, y, sample_weight)[0], rtol=1e-5)
     np.testing.assert_allclose(out["logs"]["ppl"], _exact(logits, y, np.ones(y.shape))[0], rtol=1e-5)
     assert len(out["warnings"]) == 1 and "'ppl'" in out["warnings"][0]
+
+
+# ---- Given hidden states in place of logits (issue 21): refused, or NaN in a graph, never plausible
+
+@pytest.mark.parametrize("cls", [tf_seqloss.TokenPerplexity, tf_seqloss.TokenAccuracy])
+def test_hidden_states_narrower_than_the_ids_are_refused_naming_y_pred(cls):
+    hidden = np.random.default_rng(0).normal(size=(2, 3, 8)).astype("float32")   # width 8, ids up to 49
+    targets = np.array([[1, 49, 3], [7, 2, 0]])
+    with pytest.raises(ValueError, match=r"Invalid value for argument `y_pred`.*largest id of `y_true` \(49\)"
+                                         r".*Received: y_pred=a tensor of shape \(2, 3, 8\)"):
+        cls().update_state(targets, hidden)
+    with pytest.raises(ValueError, match=r"Invalid value for argument `y_pred`.*rank 3.*shape \(2, 3\)"):
+        cls().update_state(targets, hidden[..., 0])
+
+
+@pytest.mark.parametrize("cls", [tf_seqloss.TokenPerplexity, tf_seqloss.TokenAccuracy])
+def test_ids_past_the_classes_at_padding_only_are_accepted(cls):
+    # Padding written as id `classes` (a common convention) with weight 0 is not an error.
+    logits, targets, mask = _data()
+    padded = np.where(mask > 0, targets, VOCAB)
+    metric = cls()
+    metric.update_state(padded, logits, sample_weight=mask)
+    expected = _exact(logits, targets, mask)[0 if cls is tf_seqloss.TokenPerplexity else 1]
+    np.testing.assert_allclose(float(metric.result()), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("cls", [tf_seqloss.TokenPerplexity, tf_seqloss.TokenAccuracy])
+def test_ids_past_the_classes_in_a_graph_give_nan(cls, jit_compile):
+    metric = cls()
+    hidden = np.random.default_rng(1).normal(size=(2, 3, 8)).astype("float32")
+    targets = np.array([[1, 3, 5], [7, 2, 0]])
+    targets_past = np.array([[1, 49, 5], [7, 2, 0]])
+
+    @tf.function(jit_compile=jit_compile)
+    def update(y_true, y_pred):
+        metric.update_state(y_true, y_pred)
+
+    update(tf.constant(targets), tf.constant(hidden))
+    assert np.isfinite(float(metric.result()))
+    update(tf.constant(targets_past), tf.constant(hidden))   # One token past the classes: the epoch is NaN.
+    assert np.isnan(float(metric.result()))
+
+
+# ---- From the fused head: `linear_sequence_loss(..., return_token_stats=True)`, no logits
+
+FUSED_FEATURES, FUSED_CLASSES = 5, 13
+
+
+def _fused_data(seed, batch=4, time=6):
+    rng = np.random.default_rng(seed)
+    hidden = rng.normal(size=(batch, time, FUSED_FEATURES)).astype("float32")
+    kernel = rng.normal(size=(FUSED_FEATURES, FUSED_CLASSES)).astype("float32")
+    kernel[:, 7] = kernel[:, 2]   # Classes 2 and 7 tie at every token: argmax takes the lowest id, 2.
+    kernel[:, 11] = kernel[:, 4]
+    bias = np.zeros(FUSED_CLASSES, "float32")
+    lengths = rng.integers(1, time + 1, size=batch)
+    mask = (np.arange(time) < lengths[:, None]).astype("float64")
+    logits = hidden.astype("float64") @ kernel.astype("float64")
+    predicted = logits.argmax(-1)
+    # Targets: half the tokens at the predicted class, so that accuracy is far from 0 and from 1.
+    targets = np.where(rng.random(mask.shape) < 0.5, predicted, rng.integers(0, FUSED_CLASSES, size=mask.shape))
+    return hidden, kernel, bias, targets.astype("int32"), lengths, mask, logits
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+def test_token_stats_match_numpy_float64_on_the_materialised_logits(mode):
+    hidden, kernel, bias, targets, lengths, mask, logits = _fused_data(0)
+    # Tied maxima occur (at class 2 = 7 or 4 = 11), and NumPy's rule picks the lower id.
+    assert (logits[..., 2] == logits[..., 7]).all() and np.isin(logits.argmax(-1), [2, 4]).any()
+
+    def run(hidden, kernel, bias, targets):
+        # Label smoothing and z-loss change the loss, not the stats (plain cross-entropy).
+        return tf_seqloss.linear_sequence_loss(hidden, kernel, targets, bias=bias, lengths=lengths, chunk_size=4,
+                                               label_smoothing=0.1, z_loss=1e-3, return_token_stats=True)
+
+    if mode != "eager":
+        run = tf.function(run, jit_compile=mode == "xla")
+    loss, stats = run(hidden, kernel, bias, targets)
+    assert isinstance(stats, tf_seqloss.TokenStats)
+    expected_loss = reference.sequence_loss(logits, targets, mask, label_smoothing=0.1, z_loss=1e-3)
+    np.testing.assert_allclose(float(loss), expected_loss, rtol=1e-5)
+    ce = reference.token_cross_entropy(logits, targets)
+    np.testing.assert_array_equal(stats.predictions.numpy(), np.where(mask > 0, logits.argmax(-1), 0))
+    np.testing.assert_allclose(stats.cross_entropy.numpy(), mask * ce, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(stats.weights.numpy(), mask)
+    np.testing.assert_array_equal(stats.targets.numpy(), targets)
+
+
+def test_metrics_from_token_stats_are_exact_over_uneven_batches():
+    perplexity, accuracy = tf_seqloss.TokenPerplexity(), tf_seqloss.TokenAccuracy()
+    pooled = []
+    for seed, (batch, time) in enumerate([(4, 6), (1, 9), (3, 2)]):
+        hidden, kernel, bias, targets, lengths, mask, logits = _fused_data(seed, batch, time)
+        kernel = _fused_data(0)[1]   # One head over the epoch.
+        logits = hidden.astype("float64") @ kernel.astype("float64")
+        _, stats = tf_seqloss.linear_sequence_loss(hidden, kernel, targets, lengths=lengths,
+                                                   return_token_stats=True)
+        for metric in (perplexity, accuracy):
+            metric.update_from_token_stats(stats)
+        pooled.append((reference.token_cross_entropy(logits, targets)[mask > 0],
+                       (logits.argmax(-1) == targets)[mask > 0]))
+    ce = np.concatenate([c for c, _ in pooled])
+    correct = np.concatenate([c for _, c in pooled])
+    np.testing.assert_allclose([float(perplexity.result()), float(accuracy.result())],
+                               [np.exp(ce.mean()), correct.mean()], rtol=1e-5)
+    assert 0.2 < correct.mean() < 0.9
+
+
+def test_token_stats_with_an_id_past_the_classes_give_nan_and_bad_stats_are_refused():
+    hidden, kernel, _, targets, lengths, mask, _ = _fused_data(3)
+    targets = targets.copy()
+    targets[0, 0] = FUSED_CLASSES   # a real token (every row has length >= 1)
+    _, stats = tf_seqloss.linear_sequence_loss(hidden, kernel, targets, lengths=lengths, return_token_stats=True)
+    for cls in (tf_seqloss.TokenPerplexity, tf_seqloss.TokenAccuracy):
+        metric = cls()
+        metric.update_from_token_stats(stats)
+        assert np.isnan(float(metric.result()))
+        with pytest.raises(TypeError, match="Invalid value for argument `stats`"):
+            metric.update_from_token_stats((1, 2))
+    with pytest.raises(TypeError, match="Invalid value for argument `return_token_stats`"):
+        tf_seqloss.linear_sequence_loss(hidden, kernel, targets, return_token_stats="yes")
+
+
+# ---- `FusedLinearHead(token_metrics=True)`: the metrics in `fit`'s history and in a custom loop
+
+HEAD_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+
+    devices = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+    if devices > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
+
+    import tf_seqloss
+    from tf_seqloss._keras import keras
+
+    VOCAB, TIME, FEATURES = 11, 6, 4
+    rng = np.random.default_rng(0)
+    lengths = np.array([6, 1, 5, 4, 2, 6, 3, 1])   # Batches of 3, 3, 2 rows: 12, 12 and 4 tokens.
+    mask = np.arange(TIME) < lengths[:, None]
+    tokens = rng.integers(1, VOCAB, size=mask.shape).astype("int32")
+    targets = (rng.integers(1, VOCAB, size=mask.shape) * mask).astype("int32")
+
+    def build():
+        tokens_in, targets_in = keras.Input((TIME,), dtype="int32"), keras.Input((TIME,), dtype="int32")
+        normal = keras.initializers.RandomNormal(stddev=1.0, seed=1)
+        hidden = keras.layers.Embedding(VOCAB, FEATURES, embeddings_initializer=normal)(tokens_in)
+        head = tf_seqloss.FusedLinearHead(VOCAB, padding_id=0, token_metrics=True, kernel_initializer=normal,
+                                          normalizer="global")
+        return keras.Model([tokens_in, targets_in], head(hidden, targets_in)), head
+
+    strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(devices)]) if devices > 1 else None
+    with strategy.scope() if strategy else tf.init_scope():
+        model, head = build()
+        model.compile(optimizer=keras.optimizers.SGD(0.0))   # Fixed weights: every epoch sees one model.
+    history = model.fit([tokens, targets], None, batch_size=4 if strategy else 3, epochs=2, verbose=0,
+                        shuffle=False)
+    embedding = model.layers[1].get_weights()[0]
+    out = dict(history={k: [float(v) for v in vs] for k, vs in history.history.items()},
+               hidden=embedding[tokens].tolist(), kernel=head.kernel.numpy().tolist(),
+               bias=head.bias.numpy().tolist(), targets=targets.tolist(), mask=mask.tolist())
+    if strategy is None:   # A custom loop: the layer's metrics, read and reset by hand.
+        head.token_accuracy.reset_state()
+        head.token_perplexity.reset_state()
+        for part in (slice(0, 5), slice(5, 8)):
+            model([tokens[part], targets[part]])
+        out["loop"] = [float(head.token_perplexity.result()), float(head.token_accuracy.result())]
+    print("RESULTS" + json.dumps(out))
+''')
+
+
+def _head_reference(out):
+    logits = np.array(out["hidden"]) @ np.array(out["kernel"]) + np.array(out["bias"])
+    targets, mask = np.array(out["targets"]), np.array(out["mask"], "float64")
+    return _exact(logits, targets, mask)
+
+
+def _run_head_script(devices):
+    # `run_script` takes no arguments for the child; the device count is one.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", HEAD_SCRIPT, str(devices)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = [line for line in done.stdout.splitlines() if line.startswith("RESULTS")][-1]
+    return json.loads(line[len("RESULTS"):])
+
+
+def test_fused_head_token_metrics_in_fit_history_and_a_custom_loop_are_exact():
+    # In a child: the flavour (Keras 3 or tf_keras) is the environment's, as for the parent.
+    out = _run_head_script(1)
+    expected = _head_reference(out)
+    history = out["history"]
+    for epoch in range(2):   # Reset between epochs; exact over uneven batches (not a mean of batch values).
+        np.testing.assert_allclose([history["token_perplexity"][epoch], history["token_accuracy"][epoch]],
+                                   expected, rtol=1e-5)
+    np.testing.assert_allclose(out["loop"], expected, rtol=1e-5)
+    assert 0.0 < expected[1] < 1.0
+
+
+@pytest.mark.slow
+def test_fused_head_token_metrics_under_a_strategy_equal_one_device():
+    single, mirrored = _run_head_script(1), _run_head_script(2)
+    expected = _head_reference(mirrored)
+    np.testing.assert_allclose(mirrored["history"]["token_perplexity"], [expected[0]] * 2, rtol=1e-5)
+    np.testing.assert_allclose(mirrored["history"]["token_accuracy"], [expected[1]] * 2, rtol=1e-5)
+    np.testing.assert_allclose(mirrored["history"]["token_perplexity"], single["history"]["token_perplexity"],
+                               rtol=1e-5)
+
+
+def test_fused_head_token_metrics_config_and_keras_file():
+    head = tf_seqloss.FusedLinearHead(VOCAB, padding_id=0, token_metrics=True)
+    assert head.get_config()["token_metrics"] is True
+    assert "token_metrics" not in tf_seqloss.FusedLinearHead(VOCAB).get_config()   # older configs unchanged
+    with pytest.raises(TypeError, match="Invalid value for argument `token_metrics`"):
+        tf_seqloss.FusedLinearHead(VOCAB, token_metrics="yes")
+    tokens_in, targets_in = keras.Input((TIME,), dtype="int32"), keras.Input((TIME,), dtype="int32")
+    hidden = keras.layers.Embedding(VOCAB, 3)(tokens_in)
+    model = keras.Model([tokens_in, targets_in], head(hidden, targets_in))
+    model.compile(optimizer="sgd")
+    _, targets, _ = _data()
+    logs = model.evaluate([targets, targets], None, verbose=0, return_dict=True)
+    path = os.path.join(tempfile.mkdtemp(), "trainer.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    reloaded = loaded.evaluate([targets, targets], None, verbose=0, return_dict=True)
+    np.testing.assert_allclose([reloaded["token_perplexity"], reloaded["token_accuracy"]],
+                               [logs["token_perplexity"], logs["token_accuracy"]], rtol=1e-6)

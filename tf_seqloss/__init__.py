@@ -7,7 +7,7 @@ the TF1 `tf.losses.softmax_cross_entropy` family for migrating code.
 from tf_seqloss._cross_entropy import IMPLEMENTATIONS
 from tf_seqloss._keras_loss import SequenceLoss
 from tf_seqloss._layers import FusedLinearHead, SequenceLossLayer, SequenceMask
-from tf_seqloss._linear_head import linear_sequence_loss, sampled_sequence_loss
+from tf_seqloss._linear_head import TokenStats, linear_sequence_loss, sampled_sequence_loss
 from tf_seqloss._metrics import TokenAccuracy, TokenPerplexity
 from tf_seqloss._sequence_loss import sequence_loss
 from tf_seqloss._tf1_losses import (
@@ -28,6 +28,7 @@ __all__ = [
     "SequenceMask",
     "TokenAccuracy",
     "TokenPerplexity",
+    "TokenStats",
     "compute_weighted_loss",
     "linear_sequence_loss",
     "sequence_loss",

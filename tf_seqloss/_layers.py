@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.types.experimental import TensorLike
 
-from tf_seqloss import _checks, _distribute, _keras, _linear_head
+from tf_seqloss import _checks, _distribute, _keras, _linear_head, _metrics
 from tf_seqloss._keras import keras
 from tf_seqloss._keras_loss import SequenceLoss, reduced_loss
 from tf_seqloss._options import FIELDS, FLAGS, LossOptions, expose, for_add_loss, refuse, soft_cap
@@ -401,6 +401,11 @@ class FusedLinearHead(keras.layers.Layer):
         embedding: keyword-only. `None` (default): the head owns a `[features, units]` kernel. A layer
             with a `[units, features]` `embeddings` variable: the head is tied to it (see above), and
             `kernel_initializer` is unused.
+        token_metrics: keyword-only. If True, the layer owns a `TokenAccuracy` and a `TokenPerplexity`
+            (`layer.token_accuracy`, `layer.token_perplexity`, named `"token_accuracy"` and
+            `"token_perplexity"`) and updates them from the fused loop at every call with targets (the
+            argmax and cross-entropy of each token, no logits): `fit` and `evaluate` log them (both
+            Kerases); a custom loop reads and resets them.
         **kwargs: passed to `keras.layers.Layer` (`name`, `dtype`, ...); `dtype` must be floating (the
             kernel's), e.g. `"float32"` or `"mixed_bfloat16"`.
 
@@ -489,6 +494,7 @@ class FusedLinearHead(keras.layers.Layer):
         reduction: str = "sum_over_batch_size",
         normalizer: Optional[Union[str, float]] = None,
         embedding: Optional["keras.layers.Layer"] = None,
+        token_metrics: bool = False,
         **kwargs,
     ) -> None:
         for option, reason in _NOT_HEAD_OPTIONS.items():
@@ -524,6 +530,12 @@ class FusedLinearHead(keras.layers.Layer):
         self.reduction = reduction
         self.supports_masking = True
         self.embedding = embedding  # tracked: its variable is the head's kernel, `[units, features]`
+        if not isinstance(token_metrics, (bool, np.bool_)):
+            raise TypeError(_checks.invalid_value("token_metrics", "True or False", repr(token_metrics)))
+        self.token_metrics = bool(token_metrics)
+        if self.token_metrics:  # Tracked by the layer: both Kerases log and reset them with the model's.
+            self.token_accuracy = _metrics.TokenAccuracy()
+            self.token_perplexity = _metrics.TokenPerplexity()
 
     def build(self, hidden_shape, *args, **kwargs):
         """Creates `kernel` (`[features, units]`) and, with `use_bias`, `bias` (`[units]`).
@@ -626,9 +638,15 @@ class FusedLinearHead(keras.layers.Layer):
         if targets.dtype.is_floating:
             targets = tf.cast(targets, tf.int64)  # Keras may hand ids over as floats.
         _warn_about_logged_global_loss(self)
-        loss, log_sum_exp = _linear_head.compute_linear_sequence_loss(
+        loss, log_sum_exp, *stats = _linear_head.compute_linear_sequence_loss(
             hidden, kernel, targets, self._options, bias=bias, weights=weights, lengths=lengths, mask=mask,
-            chunk_size=self.chunk_size, return_log_sum_exp=True, transpose_kernel=tied)
+            chunk_size=self.chunk_size, return_log_sum_exp=True, transpose_kernel=tied,
+            return_token_stats=self.token_metrics)
+        # tf_keras builds a functional model in a strategy's cross-replica context, where a sum-aggregated
+        # variable takes no update; the steps run in the replica context.
+        building = tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context()
+        for metric in (self.token_accuracy, self.token_perplexity) if stats and not building else ():
+            metric.update_from_token_stats(stats[0])
         self.add_loss(for_add_loss(loss, self._options, self.reduction))
         return log_sum_exp
 
@@ -683,6 +701,8 @@ class FusedLinearHead(keras.layers.Layer):
             # Saved whole; within a model's saving, Keras records a layer met twice (here and in the
             # model) once, and loading gives both places the same layer: the tie survives.
             config["embedding"] = keras.saving.serialize_keras_object(self.embedding)
+        if self.token_metrics:  # Only when set: configs saved before the option load unchanged.
+            config["token_metrics"] = True
         return config
 
     @classmethod

@@ -35,7 +35,7 @@ differentiating them again would be silently wrong).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
@@ -67,6 +67,28 @@ MIN_CHUNK = 128
 MAX_CHUNK = 4096
 
 
+class TokenStats(NamedTuple):
+    """What the token metrics need from a fused head, `[batch, time]` each, with no logits.
+
+    `linear_sequence_loss(..., return_token_stats=True)` returns it; `TokenAccuracy` and
+    `TokenPerplexity` take it in `update_from_token_stats`.
+
+    Attributes:
+        targets: the class ids.
+        weights: each token's weight, every padding route multiplied together (0 at padded tokens).
+        predictions: int32 argmax of each token's logits; among tied maxima, the lowest id (NumPy's
+            `argmax` rule). 0 at padded tokens.
+        cross_entropy: each token's plain cross-entropy `logsumexp(logits) - logits[target]`, without
+            label smoothing or z-loss, in the compute dtype. 0 at padded tokens; NaN at a real token whose
+            id is out of range.
+    """
+
+    targets: tf.Tensor
+    weights: tf.Tensor
+    predictions: tf.Tensor
+    cross_entropy: tf.Tensor
+
+
 def linear_sequence_loss(
     hidden: TensorLike,
     kernel: TensorLike,
@@ -89,7 +111,8 @@ def linear_sequence_loss(
     normalizer: Optional[Union[str, float, TensorLike]] = None,
     transpose_kernel: bool = False,
     logit_soft_cap: Optional[float] = None,
-) -> Union[tf.Tensor, Tuple[tf.Tensor, tf.Tensor]]:
+    return_token_stats: bool = False,
+) -> Union[tf.Tensor, Tuple[tf.Tensor, ...]]:
     """Returns `sequence_loss(hidden @ kernel + bias, targets, ...)`, computed without the logits.
 
     Value and gradients with respect to `hidden`, `kernel`, `bias` (and `weights`) equal those of
@@ -131,10 +154,14 @@ def linear_sequence_loss(
         logit_soft_cap: keyword-only. As in `sequence_loss`: `None`, or a positive finite `cap` applied to
             each chunk's logits as `cap * tanh(logits / cap)` before the softmax; the loss, label
             smoothing, z-loss and the returned log-sum-exp are those of the capped logits.
+        return_token_stats: keyword-only. Also return a `tf_seqloss.TokenStats` (each token's argmax and
+            plain cross-entropy, computed inside the loop, and its weight) for `TokenAccuracy` and
+            `TokenPerplexity.update_from_token_stats`. It has no gradient.
 
     Returns:
         The loss, shaped and typed as `sequence_loss`'s (float32 for half-precision inputs); with
-            `return_log_sum_exp=True`, the pair `(loss, log_sum_exp)`.
+        `return_log_sum_exp=True`, the pair `(loss, log_sum_exp)`; with `return_token_stats=True`, the
+        `TokenStats` appended last: `(loss, stats)` or `(loss, log_sum_exp, stats)`.
 
     Raises:
         ValueError: as `sequence_loss` for the shared arguments; a `chunk_size` that is not `None` or a
@@ -172,10 +199,13 @@ def linear_sequence_loss(
         label_smoothing=label_smoothing, z_loss=z_loss, normalizer=normalizer, epsilon=epsilon,
         padding_id=padding_id, logit_soft_cap=logit_soft_cap)
     chunk_size = check_chunk_size(chunk_size)
+    if not isinstance(return_token_stats, (bool, np.bool_)):
+        raise TypeError(_checks.invalid_value("return_token_stats", "True or False", repr(return_token_stats)))
     with tf.name_scope(name or "linear_sequence_loss"):
         return compute_linear_sequence_loss(
             hidden, kernel, targets, options, bias=bias, weights=weights, lengths=lengths, chunk_size=chunk_size,
-            return_log_sum_exp=return_log_sum_exp, transpose_kernel=transpose_kernel)
+            return_log_sum_exp=return_log_sum_exp, transpose_kernel=transpose_kernel,
+            return_token_stats=bool(return_token_stats))
 
 
 def check_chunk_size(chunk_size) -> Optional[int]:
@@ -253,7 +283,7 @@ def check_head_targets(hidden, targets, padding_id):
 
 def compute_linear_sequence_loss(hidden, kernel, targets, options: LossOptions, *, bias=None, weights=None,
                                  sample_weight=None, lengths=None, mask=None, chunk_size=None,
-                                 return_log_sum_exp=False, transpose_kernel=False):
+                                 return_log_sum_exp=False, transpose_kernel=False, return_token_stats=False):
     """`linear_sequence_loss` with checked `options`, also taking Keras' `sample_weight` and mask."""
     hidden, kernel, bias = check_head(hidden, kernel, bias, transpose_kernel)
     targets = check_head_targets(hidden, targets, options.padding_id)
@@ -266,16 +296,21 @@ def compute_linear_sequence_loss(hidden, kernel, targets, options: LossOptions, 
     flat_hidden = tf.reshape(hidden, [-1, features])
     flat_weights = None if token_weights is None else tf.reshape(token_weights, [-1])
     # When the flags reduce both axes, every token's weighted loss gets the same upstream gradient.
-    flat_loss, flat_lse = fused_linear_cross_entropy(
+    flat_loss, flat_lse, *flat_stats = fused_linear_cross_entropy(
         flat_hidden, kernel, bias, tf.reshape(targets, [-1]), flat_weights,
         label_smoothing=options.label_smoothing, z_loss=options.z_loss, chunk_size=chunk_size,
         uniform_upstream=options.reduces_both_axes, transpose_kernel=transpose_kernel,
-        logit_soft_cap=options.logit_soft_cap)
+        logit_soft_cap=options.logit_soft_cap, token_stats=return_token_stats)
     weighted = tf.reshape(flat_loss, tf.shape(targets))
     loss = reduce_tokens(weighted, token_weights, options)
+    outputs = [loss]
     if return_log_sum_exp:
-        return loss, tf.reshape(flat_lse, tf.shape(targets))
-    return loss
+        outputs.append(tf.reshape(flat_lse, tf.shape(targets)))
+    if return_token_stats:
+        predictions, nll = (tf.reshape(x, tf.shape(targets)) for x in flat_stats[0])
+        stats_weights = tf.ones(tf.shape(targets), dtype) if token_weights is None else token_weights
+        outputs.append(TokenStats(targets, tf.stop_gradient(stats_weights), predictions, nll))
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 def auto_chunk_size(num_classes) -> int:
@@ -289,8 +324,12 @@ def auto_chunk_size(num_classes) -> int:
 
 def fused_linear_cross_entropy(hidden, kernel, bias, labels, weights, *, label_smoothing=0.0, z_loss=0.0,
                                chunk_size=None, uniform_upstream=False, transpose_kernel=False,
-                               logit_soft_cap=None):
+                               logit_soft_cap=None, token_stats=False):
     """Returns `(weights * loss, log_sum_exp)`, `[n]` each, of the logits `hidden @ kernel + bias`.
+
+    With `token_stats=True`, returns `(weights * loss, log_sum_exp, (predictions, cross_entropy))`: each
+    token's argmax (int32, the lowest id among tied maxima) and its plain cross-entropy (no smoothing,
+    no z-loss; NaN at a real token whose id is out of range), 0 at padded tokens, without gradients.
 
     `hidden` is `[n, features]`, `labels` `[n]` ids, `weights` `[n]` in the compute dtype or None (all
     ones). The per-token loss follows `_cross_entropy.sparse_cross_entropy` (padding inert, bad ids NaN)
@@ -318,6 +357,7 @@ def fused_linear_cross_entropy(hidden, kernel, bias, labels, weights, *, label_s
     precompute = uniform_upstream and _could_record is not None and _could_record()
     loop = _ChunkLoop(order, n, n_active, chunk, safe_labels, factor, smoothing, z, dtype,
                       transpose_kernel=transpose_kernel, cap=logit_soft_cap)
+    stats = {}  # filled by the forward pass with the token stats, which have no gradient
 
     has_bias, has_weights = bias is not None, weights is not None
 
@@ -327,7 +367,9 @@ def fused_linear_cross_entropy(hidden, kernel, bias, labels, weights, *, label_s
         # Stopped: the tape must not record the loop, whose ops' own gradients are never used.
         args = [tf.stop_gradient(x) for x in (hidden, kernel)]
         bias_arg = None if bias is None else tf.stop_gradient(bias)
-        ce, lse, grads = loop.run(*args, bias_arg, upstream=None if precompute else False)
+        ce, lse, grads, *token_stats_ = loop.run(*args, bias_arg, upstream=None if precompute else False,
+                                                 token_stats=token_stats)
+        stats["token_stats"] = token_stats_
         loss = factor * ce
 
         def grad(upstream, _lse_upstream):
@@ -336,7 +378,7 @@ def fused_linear_cross_entropy(hidden, kernel, bias, labels, weights, *, label_s
                 scale = tf.reduce_sum(upstream[:1])
                 d_hidden, d_kernel, d_bias = (None if g is None else g * tf.cast(scale, g.dtype) for g in grads)
             else:
-                _, _, (d_hidden, d_kernel, d_bias) = loop.run(*args, bias_arg, upstream=upstream)
+                _, _, (d_hidden, d_kernel, d_bias), *_ = loop.run(*args, bias_arg, upstream=upstream)
             result = [d_hidden, d_kernel]
             if has_bias:
                 result.append(d_bias)
@@ -349,7 +391,14 @@ def fused_linear_cross_entropy(hidden, kernel, bias, labels, weights, *, label_s
 
     inputs = [hidden, kernel] + ([] if bias is None else [bias]) + ([] if weights is None else [weights])
     loss, lse = head(*inputs)
-    return loss, tf.stop_gradient(lse)
+    if not token_stats:
+        return loss, tf.stop_gradient(lse)
+    predictions, nll = stats["token_stats"][0]
+    # NaN at a real token whose id is out of range (as its loss), so no metric can look plausible.
+    invalid = tf.logical_not(valid) if weights is None else tf.logical_and(tf.logical_not(valid),
+                                                                            tf.not_equal(weights, 0))
+    nll = tf.where(invalid, tf.constant(np.nan, dtype), nll)  # a select: XLA may drop a NaN factor
+    return loss, tf.stop_gradient(lse), (predictions, tf.stop_gradient(nll))
 
 
 class _ChunkLoop:
@@ -365,8 +414,10 @@ class _ChunkLoop:
         self.order = tf.pad(order, [[0, self.max_chunks * chunk - n]])
         self.labels, self.factor, self.smoothing, self.z, self.dtype = labels, factor, smoothing, z, dtype
 
-    def run(self, hidden, kernel, bias, *, upstream):
+    def run(self, hidden, kernel, bias, *, upstream, token_stats=False):
         """Returns `(ce, lse, (d_hidden, d_kernel, d_bias))` for all `n` tokens.
+
+        `token_stats=True` appends `(predictions, nll)`: each token's argmax and plain cross-entropy.
 
         `upstream=False`: no gradients (they are None). `upstream=None`: the gradients of
         `sum(factor * ce)`. A tensor: those of `sum(upstream * factor * ce)`.
@@ -389,7 +440,7 @@ class _ChunkLoop:
         cap = None if self.cap is None else _checks.cast_number(self.cap, dtype)
         slices = class_slices(kernel.shape[0 if transposed else 1])
 
-        def body(c, ce_ta, lse_ta, d_hidden, d_kernel, d_bias):
+        def body(c, ce_ta, lse_ta, d_hidden, d_kernel, d_bias, *stats_ta):
             start = c * chunk
             rows = tf.slice(self.order, [start], [chunk])
             live = start + columns < self.n_active
@@ -412,8 +463,10 @@ class _ChunkLoop:
                 ce, lse = _softmax_step(logits, labels, None, self.smoothing, self.z, with_grad=False)
             ce_ta = ce_ta.write(c, tf.where(live, ce, zero))
             lse_ta = lse_ta.write(c, tf.where(live, lse, zero))
+            if token_stats:
+                stats_ta = _write_token_stats(stats_ta, c, logits, labels, lse, live)
             if not with_grad:
-                return c + 1, ce_ta, lse_ta, d_hidden, d_kernel, d_bias
+                return (c + 1, ce_ta, lse_ta, d_hidden, d_kernel, d_bias, *stats_ta)
             if cap is not None:
                 g *= 1.0 - tf.square(tanh)  # d(cap * tanh(x / cap)) / dx
             # Adds exact zeros at the rows past the real tokens (padded tokens, or token 0 repeated).
@@ -422,16 +475,16 @@ class _ChunkLoop:
             d_kernel = _add_kernel_gradient(d_kernel, h, g, slices, in_place, transposed)
             if bias_c is not None:
                 d_bias += tf.reduce_sum(g, axis=0)
-            return c + 1, ce_ta, lse_ta, d_hidden, d_kernel, d_bias
+            return (c + 1, ce_ta, lse_ta, d_hidden, d_kernel, d_bias, *stats_ta)
 
         # Static arrays: unwritten chunks (all padding) stack as zeros. Growable ones (known to be outside
         # XLA): at least one chunk runs (unless there are no tokens), so that every stacked chunk was written.
         iterations = num_chunks if static_arrays else tf.maximum(num_chunks, tf.minimum(self.max_chunks, 1))
 
-        def array():
+        def array(array_dtype=dtype):
             if static_arrays:
-                return tf.TensorArray(dtype, size=self.max_chunks, element_shape=[chunk])
-            return tf.TensorArray(dtype, size=0, dynamic_size=True, element_shape=[chunk])
+                return tf.TensorArray(array_dtype, size=self.max_chunks, element_shape=[chunk])
+            return tf.TensorArray(array_dtype, size=0, dynamic_size=True, element_shape=[chunk])
 
         if with_grad:
             d_hidden = tf.zeros(tf.shape(hidden), hidden.dtype)
@@ -443,21 +496,36 @@ class _ChunkLoop:
             d_bias = tf.zeros(tf.shape(bias_c), dtype) if bias_c is not None else tf.zeros([], dtype)
         else:
             d_hidden = d_kernel = d_bias = tf.zeros([], dtype)
-        state = (tf.constant(0), array(), array(), d_hidden, d_kernel, d_bias)
-        _, ce_ta, lse_ta, d_hidden, d_kernel, d_bias = tf.while_loop(
+        stats_ta = (array(tf.int32), array()) if token_stats else ()
+        state = (tf.constant(0), array(), array(), d_hidden, d_kernel, d_bias, *stats_ta)
+        _, ce_ta, lse_ta, d_hidden, d_kernel, d_bias, *stats_ta = tf.while_loop(
             lambda c, *_: c < iterations, body, state, maximum_iterations=self.max_chunks,
             parallel_iterations=1)  # one chunk's buffers alive at a time
         # Every stacked row is scattered to its token; the rows past the real tokens add exact zeros.
         index = self.order[:, None] if static_arrays else self.order[:ce_ta.size() * chunk, None]
         ce = tf.scatter_nd(index, tf.reshape(ce_ta.stack(), [-1]), [self.n])
         lse = tf.scatter_nd(index, tf.reshape(lse_ta.stack(), [-1]), [self.n])
+        stats = [tuple(tf.scatter_nd(index, tf.reshape(ta.stack(), [-1]), [self.n]) for ta in stats_ta)] \
+            if token_stats else []
         if not with_grad:
-            return ce, lse, (None, None, None)
+            return ce, lse, (None, None, None), *stats
         if isinstance(d_kernel, tuple):
             d_kernel = tf.concat(d_kernel, axis=0 if transposed else 1)
         d_kernel = tf.cast(d_kernel, kernel.dtype)
         d_bias = None if bias is None else tf.cast(d_bias, bias.dtype)
-        return ce, lse, (d_hidden, d_kernel, d_bias)
+        return ce, lse, (d_hidden, d_kernel, d_bias), *stats
+
+
+def _write_token_stats(stats_ta, c, logits, labels, lse, live):
+    """Writes a chunk's argmax (the lowest id among tied maxima, as NumPy's) and plain cross-entropy."""
+    predictions_ta, nll_ta = stats_ta
+    classes = tf.shape(logits)[1]
+    at_max = tf.equal(logits, tf.reduce_max(logits, axis=1, keepdims=True))
+    # An explicit rule rather than `tf.argmax`, whose choice among ties TensorFlow does not promise.
+    predictions = tf.reduce_min(tf.where(at_max, tf.range(classes)[None, :], classes), axis=1)
+    nll = lse - tf.gather(logits, labels[:, None], batch_dims=1)[:, 0]
+    return (predictions_ta.write(c, tf.where(live, predictions, 0)),
+            nll_ta.write(c, tf.where(live, nll, tf.zeros([], nll.dtype))))
 
 
 def _softmax_step(logits, labels, coef, smoothing=None, z=None, *, with_grad):

@@ -18,6 +18,13 @@ weighted by sequences), and from the same `sample_weight` or `mask_token_id` it 
   them (and the model compiled with them) in each;
 - probability targets, ragged inputs, and token accuracy over the same weights (`TokenAccuracy`).
 
+`y_pred` must be the logits (or probabilities). Hidden states in their place are refused with a
+`ValueError` naming `y_pred` when the ids are known (eagerly, or constants) and exceed its last axis, or
+when its rank is not 3; inside a graph, where the ids are only known when it runs, a real token whose id
+is past the last axis makes both metrics NaN until the next reset, never a plausible value. A model
+trained through a fused head (no logits) updates them with `update_from_token_stats` from
+`linear_sequence_loss(..., return_token_stats=True)`, or through `FusedLinearHead(token_metrics=True)`.
+
 Keras hands `sample_weight` only to the metrics in `compile(weighted_metrics=[...])`, never to those in
 `metrics=[...]`. When padding is marked by `sample_weight` alone (keras-hub's `(x, y, sample_weight)`
 batches), put these metrics in `weighted_metrics`, or give them `padding_id`. A metric updated with no
@@ -32,7 +39,7 @@ from typing import Optional
 
 import tensorflow as tf
 
-from tf_seqloss import _checks, _keras
+from tf_seqloss import _checks, _cross_entropy, _keras, _linear_head
 from tf_seqloss._keras import IS_KERAS_3, keras
 from tf_seqloss._keras_loss import standardize_targets
 from tf_seqloss._options import LossOptions
@@ -101,8 +108,10 @@ class _TokenMetric(keras.metrics.Metric):
         ragged = isinstance(y_pred, tf.RaggedTensor) or isinstance(y_true, tf.RaggedTensor)
         logits = y_pred if isinstance(y_pred, tf.RaggedTensor) else tf.convert_to_tensor(y_pred)
         mask = _keras.get_mask(y_pred)
+        self._check_y_pred_rank(logits)
         tokens = token_losses(logits, standardize_targets(y_true, logits), self._options,
                               sample_weight=sample_weight, mask=mask)
+        self._check_classes(tokens)
         values = self._weighted_values(tokens)
         self.total.assign_add(tf.cast(tf.reduce_sum(values), self.dtype))
         self.count.assign_add(tf.cast(tf.reduce_sum(tokens.weights), self.dtype))
@@ -110,6 +119,55 @@ class _TokenMetric(keras.metrics.Metric):
         if sample_weight is None and mask is None and self.padding_id is None and not ragged:
             self._unmarked_padding.check(tokens.targets)
             self._unmarked_padding.warn_if_seen(self)
+
+    def update_from_token_stats(self, stats):
+        """Adds a batch trained through a fused head: a `TokenStats` from `linear_sequence_loss`.
+
+        `linear_sequence_loss(..., return_token_stats=True)` (or a head built on it) computes each
+        token's argmax and cross-entropy inside its chunked loop, so the metric is updated without any
+        `[batch, time, classes]` logits; the sums are those `update_state` would add from the logits.
+
+        Args:
+            stats: a `tf_seqloss.TokenStats`, whose `weights` already carry every padding route.
+        """
+        if not isinstance(stats, _linear_head.TokenStats):
+            raise TypeError(_checks.invalid_value(
+                "stats", "a `tf_seqloss.TokenStats` (from `linear_sequence_loss(..., return_token_stats=True)`)",
+                type(stats).__name__, owner=f"{type(self).__name__}.update_from_token_stats"))
+        weights = tf.cast(stats.weights, self.dtype)
+        values = self._values_from_stats(stats, weights)
+        self.total.assign_add(tf.reduce_sum(values))
+        self.count.assign_add(tf.reduce_sum(weights))
+
+    def _check_y_pred_rank(self, logits) -> None:
+        rank = logits.shape.rank
+        if rank is not None and rank != 3:
+            raise ValueError(_checks.invalid_value(
+                "y_pred", f"[batch, time, classes] logits (rank 3) for `{type(self).__name__}`",
+                f"a tensor of shape {tuple(logits.shape)}", owner=f"{type(self).__name__}.update_state"))
+
+    def _check_classes(self, tokens) -> None:
+        """Refuses `y_pred` narrower than the ids of `y_true` when both are known (eagerly, or constants).
+
+        Hidden states given in place of logits (e.g. by a model trained through a fused head) would
+        otherwise give a plausible accuracy and a NaN perplexity. In a graph, where the ids are only known
+        when it runs, such a token makes both metrics NaN until the next reset (see the module docstring).
+        """
+        classes = tokens.logits.shape[-1]
+        if classes is None or tokens.targets.shape.rank != 2:
+            return  # Probability targets were checked against the classes of `y_pred` already.
+        ids, weights = tf.get_static_value(tokens.targets), tf.get_static_value(tokens.weights)
+        if ids is None or weights is None:
+            return
+        real = ids[weights != 0]
+        if real.size and real.max() >= classes:
+            raise ValueError(_checks.invalid_value(
+                "y_pred",
+                f"[batch, time, classes] logits with more classes than the largest id of `y_true` "
+                f"({int(real.max())}): logits, not hidden states (through a fused head, take the "
+                "metric from `linear_sequence_loss(..., return_token_stats=True)` with "
+                "`update_from_token_stats`)",
+                f"a tensor of shape {tuple(tokens.logits.shape)}", owner=f"{type(self).__name__}.update_state"))
 
     def reset_state(self):
         """Sets the running sums to 0, as Keras does at the start of every epoch and of `evaluate`."""
@@ -164,6 +222,10 @@ class TokenPerplexity(_TokenMetric):
     def _weighted_values(self, tokens):
         return tokens.weighted
 
+    def _values_from_stats(self, stats, weights):
+        # Padded tokens hold 0, real tokens with a bad id NaN (which the weight must not hide).
+        return weights * tf.cast(stats.cross_entropy, self.dtype)
+
     def result(self):
         """Returns the token perplexity since the last reset.
 
@@ -211,8 +273,21 @@ class TokenAccuracy(_TokenMetric):
         targets = tokens.targets
         if targets.shape.rank == 3:
             targets = tf.argmax(targets, axis=-1, output_type=tf.int64)
-        correct = tf.cast(tf.equal(predicted, tf.cast(targets, tf.int64)), tokens.weights.dtype)
-        return tokens.weights * correct
+        targets = tf.cast(targets, tf.int64)
+        correct = tf.cast(tf.equal(predicted, targets), tokens.weights.dtype)
+        # An id past the classes of `y_pred` (only known when a graph runs) gives NaN, never a plausible
+        # accuracy: `y_pred` is then hidden states, not logits. Padded tokens are left out.
+        valid, _ = _cross_entropy.checked_ids(targets, tf.shape(tokens.logits, out_type=tf.int64)[-1])
+        invalid = tf.logical_and(tf.logical_not(valid), tf.not_equal(tokens.weights, 0))
+        # A select, not a product with NaN: XLA turns `w * float(correct)` into a select that drops the NaN.
+        return tf.where(invalid, tf.constant(float("nan"), tokens.weights.dtype), tokens.weights * correct)
+
+    def _values_from_stats(self, stats, weights):
+        correct = tf.cast(tf.equal(tf.cast(stats.predictions, tf.int64), tf.cast(stats.targets, tf.int64)),
+                          self.dtype)
+        # The cross-entropy is NaN exactly at the real tokens whose id is out of range: NaN there too.
+        invalid = tf.math.is_nan(tf.cast(stats.cross_entropy, self.dtype))
+        return tf.where(invalid, tf.constant(float("nan"), self.dtype), weights * correct)
 
     def result(self):
         """Returns the token accuracy since the last reset.

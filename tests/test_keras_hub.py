@@ -1,0 +1,243 @@
+"""`tf_seqloss.keras_hub.fused_causal_lm`: a keras-hub GPT2CausalLM trained through the fused head.
+
+Tiny backbones built from config with random weights (nothing downloaded). The reference is NumPy float64
+masked cross-entropy of the task's own logits (`causal_lm(x)`), and TensorFlow's gradient of that mean on
+the materialised logits, with the preprocessor's padding mask as the weights.
+"""
+
+import os
+import tempfile
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import reference
+from tests.child import run_script
+
+pytestmark = pytest.mark.skipif(os.environ.get("TF_USE_LEGACY_KERAS") == "1",
+                                reason="keras-hub runs on Keras 3 only, not tf_keras (TF_USE_LEGACY_KERAS=1)")
+keras_hub = pytest.importorskip("keras_hub", reason='keras-hub is not installed: pip install "tf_seqloss[keras-hub]"')
+
+import keras  # noqa: E402  (keras-hub's Keras, after the skips)
+
+from tf_seqloss import keras_hub as fused_hub  # noqa: E402
+from tf_seqloss._options import LossOptions  # noqa: E402
+
+VOCAB, TIME = 50, 8
+
+
+def _backbone(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras_hub.models.GPT2Backbone(vocabulary_size=VOCAB, num_layers=1, num_heads=2, hidden_dim=8,
+                                         intermediate_dim=16, max_sequence_length=16, dropout=0.0)
+
+
+def _batch(seed=0, batch=4):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, TIME + 1, size=batch)
+    lengths[0] = TIME
+    padding = np.arange(TIME) < lengths[:, None]
+    ids = (rng.integers(1, VOCAB, size=padding.shape) * padding).astype("int32")
+    x = {"token_ids": ids[:, :-1], "padding_mask": padding[:, :-1]}
+    return x, ids[:, 1:], padding[:, 1:].astype("float32")
+
+
+def _reference(causal_lm, x, y, weights):
+    logits = keras.ops.convert_to_numpy(causal_lm(x)).astype("float64")
+    ce = reference.token_cross_entropy(logits, y)
+    return (weights * ce).sum() / weights.sum(), logits
+
+
+def _gemma():
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GemmaBackbone(vocabulary_size=VOCAB, num_layers=1, num_query_heads=2,
+                                              num_key_value_heads=1, hidden_dim=8, intermediate_dim=16, head_dim=4,
+                                              dropout=0.0)
+    return keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
+
+
+@pytest.mark.parametrize("task", ["gpt2", "gemma", "gemma_soft_capped"])
+def test_loss_and_gradients_equal_the_materialised_model(task):
+    causal_lm = keras_hub.models.GPT2CausalLM(_backbone(), preprocessor=None) if task == "gpt2" else _gemma()
+    if task == "gemma_soft_capped":
+        # Gemma 2's cap, small enough to bend these tiny logits: the materialised reference caps them too.
+        causal_lm.backbone.token_embedding.logit_soft_cap = 0.05
+    causal_lm = fused_hub.fused_causal_lm(causal_lm, chunk_size=4)
+    x, y, weights = _batch()
+    trainer = fused_hub._FusedTrainer(LossOptions(), 4)   # the loss `fit` steps take
+    variables = causal_lm.trainable_weights
+    with tf.GradientTape() as tape:
+        loss, stats = trainer.loss(causal_lm, x, y, weights, training=True)
+    fused_grads = tape.gradient(loss, variables)
+    expected, logits = _reference(causal_lm, x, y, weights)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    np.testing.assert_array_equal(stats.predictions.numpy(), np.where(weights > 0, logits.argmax(-1), 0))
+    # TensorFlow's gradient of the same token mean on the materialised logits (no tf_seqloss code).
+    with tf.GradientTape() as tape:
+        materialised = causal_lm(x, training=True)
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=materialised)
+        mean = tf.reduce_sum(weights * ce) / tf.reduce_sum(weights)
+    materialised_grads = tape.gradient(mean, variables)
+    assert len(variables) == len(fused_grads) and all(g is not None for g in fused_grads)
+    for variable, fused, expected_grad in zip(variables, fused_grads, materialised_grads):
+        np.testing.assert_allclose(tf.convert_to_tensor(fused).numpy(), tf.convert_to_tensor(expected_grad).numpy(),
+                                   rtol=1e-4, atol=1e-6, err_msg=variable.path)
+
+
+def test_fit_logs_the_exact_first_step_then_trains_and_generate_still_works():
+    causal_lm = fused_hub.fused_causal_lm(keras_hub.models.GPT2CausalLM(_backbone(1), preprocessor=None))
+    x, y, weights = _batch(1)
+    expected, logits = _reference(causal_lm, x, y, weights)
+    causal_lm.compile(optimizer=keras.optimizers.SGD(0.0), sampler="greedy")   # fixed weights: exact logs
+    history = causal_lm.fit(x, y, sample_weight=weights, batch_size=2, epochs=1, verbose=0, shuffle=False)
+    ce = reference.token_cross_entropy(logits, y)
+    mask = weights > 0
+    np.testing.assert_allclose(history.history["token_perplexity"][0], np.exp(ce[mask].mean()), rtol=1e-5)
+    np.testing.assert_allclose(history.history["token_accuracy"][0], (logits.argmax(-1) == y)[mask].mean(),
+                               rtol=1e-6)
+    causal_lm.compile(optimizer=keras.optimizers.Adam(0.05), sampler="greedy")
+    fused_hub.fused_causal_lm(causal_lm)   # again after compile: harmless
+    first = causal_lm.evaluate(x, y, sample_weight=weights, batch_size=4, verbose=0, return_dict=True)
+    np.testing.assert_allclose(first["loss"], expected, rtol=1e-5)
+    history = causal_lm.fit(x, y, sample_weight=weights, batch_size=4, epochs=3, verbose=0)
+    losses = history.history["loss"]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    # generate() is the task's own, on the trained weights: greedy continues with the logits' argmax.
+    prompt = {"token_ids": np.array([[5, 9, 3, 0, 0, 0]], "int32"),
+              "padding_mask": np.array([[1, 1, 1, 0, 0, 0]], bool)}
+    out = causal_lm.generate(prompt, stop_token_ids=None)
+    logits = keras.ops.convert_to_numpy(causal_lm({"token_ids": prompt["token_ids"][:, :3],
+                                                   "padding_mask": prompt["padding_mask"][:, :3]}))
+    assert out["token_ids"].shape == (1, 6) and list(out["token_ids"][0, :3]) == [5, 9, 3]
+    assert out["token_ids"][0, 3] == logits[0, -1].argmax()
+
+
+def _preprocessor():
+    # A byte-pair vocabulary of single characters plus the merges' results: every id below VOCAB.
+    merges = ["Ġ q", "u i", "c k", "ui ck", "Ġq uick", "Ġ f", "o x", "Ġf ox"]
+    tokens = ["<|endoftext|>"] + list("aĠquickfoxjmped!") + [a + b for a, b in (m.split() for m in merges)]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    assert len(vocab) < VOCAB
+    tokenizer = keras_hub.models.GPT2Tokenizer(vocabulary=vocab, merges=merges)
+    return keras_hub.models.GPT2CausalLMPreprocessor(tokenizer=tokenizer, sequence_length=TIME)
+
+
+def test_the_preprocessor_feeds_fit_and_generate_and_the_keras_file_keeps_the_tie():
+    causal_lm = keras_hub.models.GPT2CausalLM(_backbone(2), preprocessor=_preprocessor())
+    causal_lm = fused_hub.fused_causal_lm(causal_lm)
+    # Not XLA-compiled, to keep the test short (the fit test above runs Keras' default).
+    causal_lm.compile(optimizer=keras.optimizers.Adam(0.01), sampler="greedy", jit_compile=False)
+    texts = ["a quick fox jumped!", "a fox!", "a quick fox!", "a fox jumped!"]
+    history = causal_lm.fit(texts, batch_size=2, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all() and 0 <= history.history["token_accuracy"][-1] <= 1
+    text = causal_lm.generate("a quick", max_length=TIME)
+    assert isinstance(text, str) and text.startswith("a quick")
+
+    path = os.path.join(tempfile.mkdtemp(), "lm.keras")
+    causal_lm.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded) is keras_hub.models.GPT2CausalLM and loaded.backbone.token_embedding.tie_weights
+    assert len(loaded.trainable_weights) == len(causal_lm.trainable_weights)
+    x, _, _ = causal_lm.preprocessor(texts)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(causal_lm(x)))
+    # Still tied: one table for the input embedding and the output projection, fused again after loading.
+    loaded = fused_hub.fused_causal_lm(loaded)
+    loaded.compile(optimizer=keras.optimizers.SGD(0.5), jit_compile=False)
+    before = loaded.backbone.token_embedding.embeddings.numpy().copy()
+    loaded.fit(texts, batch_size=4, epochs=1, verbose=0)
+    after = loaded.backbone.token_embedding.embeddings.numpy()
+    logits = keras.ops.convert_to_numpy(loaded(x))
+    hidden = keras.ops.convert_to_numpy(loaded.backbone(x))
+    np.testing.assert_allclose(logits, hidden @ after.T, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(before, after)
+
+
+def test_refusals_name_the_argument():
+    with pytest.raises(TypeError, match="Invalid value for argument `causal_lm` of `fused_causal_lm`"):
+        fused_hub.fused_causal_lm(keras.Sequential())
+    causal_lm = keras_hub.models.GPT2CausalLM(_backbone(), preprocessor=None)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_hub.fused_causal_lm(causal_lm, chunk_size=0)
+
+
+def test_a_missing_keras_hub_says_how_to_install_it():
+    script = textwrap.dedent('''
+        import json, sys
+        sys.modules["keras_hub"] = None   # as if not installed
+        from tf_seqloss import keras_hub
+        try:
+            keras_hub.fused_causal_lm(object())
+        except ImportError as error:
+            print("RESULTS" + json.dumps(str(error)))
+    ''')
+    message = run_script(script, marker="RESULTS", timeout=120)
+    assert 'pip install "tf_seqloss[keras-hub]"' in message
+
+
+STRATEGY_SCRIPT = textwrap.dedent('''
+    import json
+    import numpy as np
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+    import keras, keras_hub
+    from tf_seqloss import keras_hub as fused_hub
+
+    rng = np.random.default_rng(3)
+    lengths = np.array([8, 2, 3, 7])   # 7 + 1 tokens on one replica, 2 + 6 on the other: uneven.
+    padding = np.arange(8) < lengths[:, None]
+    ids = (rng.integers(1, 50, size=padding.shape) * padding).astype("int32")
+    # An int mask: a bool input fails in MirroredStrategy's input pipeline under Keras 3 (AddN on bool),
+    # with keras-hub's own compiled loss too.
+    x = {"token_ids": ids[:, :-1], "padding_mask": padding[:, :-1].astype("int32")}
+    y, weights = ids[:, 1:], padding[:, 1:].astype("float32")
+
+    def build():
+        keras.utils.set_random_seed(0)
+        backbone = keras_hub.models.GPT2Backbone(vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=8,
+                                                 intermediate_dim=16, max_sequence_length=16, dropout=0.0)
+        causal_lm = fused_hub.fused_causal_lm(keras_hub.models.GPT2CausalLM(backbone, preprocessor=None),
+                                              normalizer="global")
+        causal_lm.compile(optimizer=keras.optimizers.SGD(1.0))
+        return causal_lm
+
+    results = {}
+    for devices in (1, 2):
+        if devices == 2:
+            with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+                causal_lm = build()
+        else:
+            causal_lm = build()
+        history = causal_lm.fit(x, y, sample_weight=weights, batch_size=4, epochs=1, verbose=0, shuffle=False)
+        results[devices] = dict(history={k: float(v[0]) for k, v in history.history.items()},
+                                weights=[w.numpy().tolist() for w in causal_lm.trainable_weights])
+    print("RESULTS" + json.dumps(results))
+''')
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_with_the_global_normalizer_equals_one_device():
+    out = run_script(STRATEGY_SCRIPT, marker="RESULTS", timeout=300)
+    one, two = out["1"], out["2"]
+    for key in ("token_perplexity", "token_accuracy", "loss"):
+        np.testing.assert_allclose(two["history"][key], one["history"][key], rtol=1e-5, err_msg=key)
+    for a, b in zip(one["weights"], two["weights"]):
+        np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-6)
+
+
+def test_the_fused_loss_is_the_token_mean_where_keras_hubs_default_counts_padding():
+    # Pins the module docstring: on a padded batch the default divides by batch * time, the fused by sum(w).
+    causal_lm = keras_hub.models.GPT2CausalLM(_backbone(4), preprocessor=None)
+    causal_lm.compile(optimizer="sgd", jit_compile=False)
+    x, y, weights = _batch(4)
+    assert weights.mean() < 0.9
+    token_mean, logits = _reference(causal_lm, x, y, weights)
+    default = causal_lm.evaluate(x, y, sample_weight=weights, batch_size=4, verbose=0, return_dict=True)
+    np.testing.assert_allclose(default["loss"], token_mean * weights.mean(), rtol=1e-5)
+    fused_hub.fused_causal_lm(causal_lm)
+    fused = causal_lm.evaluate(x, y, sample_weight=weights, batch_size=4, verbose=0, return_dict=True)
+    np.testing.assert_allclose(fused["loss"], token_mean, rtol=1e-5)
