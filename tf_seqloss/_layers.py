@@ -707,6 +707,19 @@ class FusedLinearHead(keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config: dict) -> "FusedLinearHead":
+        """Returns a head from `get_config()`, its tied embedding (if any) rebuilt from its own config.
+
+        Args:
+            config: the dictionary `get_config()` returned.
+
+        Returns:
+            A new `FusedLinearHead`. Within a model's `.keras` loading (Keras 3), the embedding is the
+            model's own layer, so the tie holds; a bare call makes a second embedding.
+
+        Raises:
+            ValueError: as the constructor, for a config holding a value it refuses.
+            TypeError: as the constructor, for a config holding a value of the wrong type.
+        """
         config = dict(config)
         if isinstance(config.get("embedding"), dict):
             config["embedding"] = keras.saving.deserialize_keras_object(config["embedding"])

@@ -81,6 +81,20 @@ class TokenStats(NamedTuple):
         cross_entropy: each token's plain cross-entropy `logsumexp(logits) - logits[target]`, without
             label smoothing or z-loss, in the compute dtype. 0 at padded tokens; NaN at a real token whose
             id is out of range.
+
+    Example:
+
+    >>> import numpy as np, tensorflow as tf, tf_seqloss
+    >>> hidden = tf.ones([1, 2, 4])
+    >>> kernel = tf.zeros([4, 5])                       # uniform logits over 5 classes
+    >>> _, stats = tf_seqloss.linear_sequence_loss(hidden, kernel, tf.constant([[3, 1]]),
+    ...                                            return_token_stats=True)
+    >>> np.round(stats.cross_entropy.numpy(), 4)       # log(5) at every token
+    array([[1.6094, 1.6094]], dtype=float32)
+    >>> perplexity = tf_seqloss.TokenPerplexity()
+    >>> perplexity.update_from_token_stats(stats)
+    >>> round(float(perplexity.result()), 4)           # exp(log 5)
+    5.0
     """
 
     targets: tf.Tensor

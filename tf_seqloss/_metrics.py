@@ -129,6 +129,23 @@ class _TokenMetric(keras.metrics.Metric):
 
         Args:
             stats: a `tf_seqloss.TokenStats`, whose `weights` already carry every padding route.
+
+        Raises:
+            TypeError: `stats` is not a `tf_seqloss.TokenStats`.
+
+        Example:
+
+        >>> import numpy as np, tensorflow as tf, tf_seqloss
+        >>> hidden = tf.constant([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])   # [batch 1, time 3, features 2]
+        >>> kernel = tf.constant([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])     # [features 2, classes 3]
+        >>> loss, stats = tf_seqloss.linear_sequence_loss(
+        ...     hidden, kernel, tf.constant([[0, 2, 1]]), lengths=tf.constant([2]), return_token_stats=True)
+        >>> stats.predictions.numpy()        # argmax of each token's logits; 0 at padding
+        array([[0, 1, 0]], dtype=int32)
+        >>> accuracy = tf_seqloss.TokenAccuracy()
+        >>> accuracy.update_from_token_stats(stats)
+        >>> float(accuracy.result())         # 1 of the 2 real tokens
+        0.5
         """
         if not isinstance(stats, _linear_head.TokenStats):
             raise TypeError(_checks.invalid_value(

@@ -82,7 +82,9 @@ def fused_causal_lm(causal_lm, *, chunk_size: Optional[int] = None, z_loss=0.0, 
     Args:
         causal_lm: a `keras_hub.models.CausalLM` whose backbone has a `ReversibleEmbedding` as
             `token_embedding` (GPT-2, Gemma, Llama, Mistral, ...), tied or not.
-        chunk_size, z_loss, label_smoothing: keyword-only; as in `tf_seqloss.linear_sequence_loss`.
+        chunk_size: keyword-only; as in `tf_seqloss.linear_sequence_loss`.
+        z_loss: keyword-only; as in `tf_seqloss.linear_sequence_loss`.
+        label_smoothing: keyword-only; as in `tf_seqloss.linear_sequence_loss`.
         normalizer: keyword-only. `None` (each replica's token mean, the replicas averaged, as Keras
             does) or `"global"` (the exact token mean over the replicas of a `tf.distribute` strategy).
 
