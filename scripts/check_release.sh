@@ -13,10 +13,10 @@ trap 'rm -rf "$work"' EXIT
 passed=0
 failed=0
 check() {  # check DESCRIPTION COMMAND...: runs the command, prints its output only if it fails
-    local description=$1 output
+    local description=$1 output started=$SECONDS
     shift
     if output=$("$@" 2>&1); then
-        echo "[check_release.sh] ok: $description"
+        echo "[check_release.sh] ok: $description ($((SECONDS - started)) s)"
         passed=$((passed + 1))
     else
         echo "[check_release.sh] FAILED: $description" >&2
@@ -35,8 +35,8 @@ git ls-files -z --cached --others --exclude-standard \
     | (cd "$work/src" && xargs -0 -I{} sh -c 'test -e "$0/{}" && mkdir -p "$(dirname "{}")" && cp -p "$0/{}" "{}" || true' "$root")
 check "python -m build makes the sdist and the wheel" \
     "$venv/bin/python" -m build --outdir "$work/dist" "$work/src"
-sdist=$(ls "$work"/dist/*.tar.gz 2>/dev/null | head -n 1)
-wheel=$(ls "$work"/dist/*.whl 2>/dev/null | head -n 1)
+sdist=$(ls "$work"/dist/*.tar.gz 2>/dev/null | head -n 1 || true)
+wheel=$(ls "$work"/dist/*.whl 2>/dev/null | head -n 1 || true)
 if [ -z "$sdist" ] || [ -z "$wheel" ]; then
     echo "[check_release.sh] FAILED: no sdist or wheel in $work/dist; nothing more to check" >&2
     failed=$((failed + 1))
@@ -61,7 +61,7 @@ check "the sdist holds LICENSE, README.md, CHANGELOG.md and the packages, and no
     sdist_has_what_building_needs
 
 # The fresh environment: the interpreter ./.venv was made with; pins from ./.venv so that pip reuses its cache.
-"$venv/bin/python" -m venv "$work/venv"
+check "a fresh virtual environment" "$venv/bin/python" -m venv "$work/venv"
 "$venv/bin/python" -m pip freeze 2>/dev/null | grep -iE '^(tensorflow|keras|tf[_-]keras|numpy)==' > "$work/pins.txt" || true
 check "the wheel file installs into a fresh virtual environment (not editable)" \
     "$work/venv/bin/python" -m pip install -c "$work/pins.txt" "$wheel[upgrade]"

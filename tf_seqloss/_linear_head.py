@@ -258,7 +258,8 @@ def fused_linear_cross_entropy(hidden, kernel, bias, labels, weights, *, label_s
         # Stopped: the tape must not record the loop, whose ops' own gradients are never used.
         args = [tf.stop_gradient(x) for x in (hidden, kernel)]
         bias_arg = None if bias is None else tf.stop_gradient(bias)
-        ce, lse, grads = loop.run(*args, bias_arg, upstream=None if precompute else False)
+        # mypy cannot tell that `args` holds exactly hidden and kernel.
+        ce, lse, grads = loop.run(*args, bias_arg, upstream=None if precompute else False)  # type: ignore[misc]
         loss = factor * ce
 
         def grad(upstream, _lse_upstream):
@@ -267,7 +268,7 @@ def fused_linear_cross_entropy(hidden, kernel, bias, labels, weights, *, label_s
                 scale = tf.reduce_sum(upstream[:1])
                 d_hidden, d_kernel, d_bias = (None if g is None else g * tf.cast(scale, g.dtype) for g in grads)
             else:
-                _, _, (d_hidden, d_kernel, d_bias) = loop.run(*args, bias_arg, upstream=upstream)
+                _, _, (d_hidden, d_kernel, d_bias) = loop.run(*args, bias_arg, upstream=upstream)  # type: ignore[misc]
             result = [d_hidden, d_kernel]
             if has_bias:
                 result.append(d_bias)
