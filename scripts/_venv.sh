@@ -13,8 +13,8 @@ export -n PYTHON TF_SEQLOSS_VENV TF_SEQLOSS_CONSTRAINTS
 if [ ! -x "$venv/bin/python" ]; then
     "$python" -m venv "$venv"
 fi
-# A change of setup.cfg, pyproject.toml or the constraints installs again.
-stamp="$venv/.installed-$(cat setup.cfg pyproject.toml ${constraints:+"$constraints"} | sha1sum | cut -c1-12)"
+# A change of pyproject.toml or the constraints installs again.
+stamp="$venv/.installed-$(cat pyproject.toml ${constraints:+"$constraints"} | sha1sum | cut -c1-12)"
 if [ ! -e "$stamp" ]; then
     echo "Installing tf_seqloss and its test and example dependencies into ./$venv (once; a few minutes)..."
     # pip's own output (index warnings, setuptools' editable-install notice) goes to a log, shown on failure.

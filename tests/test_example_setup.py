@@ -1,6 +1,5 @@
 """The set-up around the package: its licence, the parity data the suite carries, and the scripts."""
 
-import configparser
 import hashlib
 import os
 import queue
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests import conftest
+from tests._pyproject import pyproject, requirement_minimums
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -28,10 +28,9 @@ APACHE_2_0_SHA256 = "cfc7749b96f63bd31c3c42b5c471bf756814053e847c10f3eb003417bc5
 # --- licence ----------------------------------------------------------------------------------------
 
 
-def test_license_file_is_the_apache_2_0_text_that_setup_cfg_declares():
-    setup = configparser.ConfigParser()
-    setup.read(ROOT / "setup.cfg")
-    assert setup["metadata"]["license"] == "Apache-2.0"
+def test_license_file_is_the_apache_2_0_text_that_pyproject_declares():
+    project = pyproject()["project"]
+    assert (project["license"], project["license-files"]) == ("Apache-2.0", ["LICENSE"])
     text = (ROOT / "LICENSE").read_bytes()
     assert hashlib.sha256(text).hexdigest() == APACHE_2_0_SHA256
     assert b"Apache License\n                           Version 2.0, January 2004" in text
@@ -109,14 +108,14 @@ def script_env(**settings):
 
 def fake_checkout(tmp_path):
     """A copy of the scripts in a folder whose `.venv` is this interpreter and whose suite is FAKE_TESTS."""
-    for name in ("setup.cfg", "pyproject.toml", "scripts/_venv.sh", "scripts/test.sh"):
+    for name in ("pyproject.toml", "scripts/_venv.sh", "scripts/test.sh"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, tmp_path / name)
     python = tmp_path / ".venv" / "bin" / "python"
     python.parent.mkdir(parents=True)
     python.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
     python.chmod(0o755)
-    stamp = hashlib.sha1((ROOT / "setup.cfg").read_bytes() + (ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    stamp = hashlib.sha1((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     (tmp_path / ".venv" / f".installed-{stamp[:12]}").touch()  # as _venv.sh marks an installed .venv
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "test_fake.py").write_text(FAKE_TESTS)
@@ -249,7 +248,7 @@ def test_test_versions_sh_runs_the_suite_in_the_combinations_own_environment(tmp
     root = versions_checkout(tmp_path, python_version)
     fake_interpreter(root / ".venv-fake" / "bin" / "python")
     constraints = (root / "constraints" / "fake.txt").read_bytes()
-    stamp = hashlib.sha1((ROOT / "setup.cfg").read_bytes() + (ROOT / "pyproject.toml").read_bytes() + constraints)
+    stamp = hashlib.sha1((ROOT / "pyproject.toml").read_bytes() + constraints)
     (root / ".venv-fake" / f".installed-{stamp.hexdigest()[:12]}").touch()  # as _venv.sh marks it installed
     pyenv = tmp_path / "pyenv"  # whatever Pythons the machine has
     fake_interpreter(pyenv / "versions" / python_version / "bin" / "python")
@@ -282,12 +281,10 @@ def test_test_versions_sh_says_what_is_wrong_in_one_line(tmp_path, case):
     assert (done.returncode, done.stderr.splitlines()) == (expected[0], [expected[1]])
 
 
-def test_setup_cfg_minimums_are_the_oldest_tested_combination_and_the_readme_names_each():
-    setup = configparser.ConfigParser()
-    setup.read(ROOT / "setup.cfg")
-    requirements = dict(re.findall(r"^([A-Za-z_]+)>=([\d.]+)$", setup["options"]["install_requires"]
-                                   + setup["options.extras_require"]["test"], re.M))
-    classifiers = setup["metadata"]["classifiers"]
+def test_pyproject_minimums_are_the_oldest_tested_combination_and_the_readme_names_each():
+    project = pyproject()["project"]
+    requirements = requirement_minimums(project["dependencies"] + project["optional-dependencies"]["test"])
+    classifiers = "\n".join(project["classifiers"])
     readme = (ROOT / "README.md").read_text()
     combinations = {}
     for path in sorted((ROOT / "constraints").glob("*.txt")):
@@ -300,7 +297,7 @@ def test_setup_cfg_minimums_are_the_oldest_tested_combination_and_the_readme_nam
         assert re.search(rf"^bash scripts/test_versions\.sh .*(?<![\w-]){path.stem}(?![\w-])", readme, re.M), path.name
     oldest_python, oldest_pins = min(combinations.values(), key=lambda combination: combination[0])
     assert combinations["py39-tf216"] == (oldest_python, oldest_pins)  # the README's `oldest`
-    assert setup["options"]["python_requires"] == ">=%d.%d" % oldest_python
+    assert project["requires-python"] == ">=%d.%d" % oldest_python
     for name in ("tensorflow", "tf_keras"):
         assert oldest_pins[name].startswith(requirements[name] + "."), name
 
@@ -340,11 +337,9 @@ def test_gitignore_covers_what_the_example_writes_and_keeps_what_is_committed(fl
 def test_readme_install_section_names_each_extra_and_what_it_brings():
     readme = (ROOT / "README.md").read_text()
     install = readme[readme.index("## Install"):readme.index("## Set-up")]
-    setup = configparser.ConfigParser()
-    setup.read(ROOT / "setup.cfg")
-    for extra, requirements in setup["options.extras_require"].items():
+    for extra, requirements in pyproject()["project"]["optional-dependencies"].items():
         assert f'pip install ".[{extra}]"' in install, extra
-        for requirement in requirements.split():
+        for requirement in requirements:
             name = re.match(r"[A-Za-z0-9_.-]+", requirement).group()
             assert re.search(rf"\b{re.escape(name)}\b", install, re.I), (extra, name)
 

@@ -8,7 +8,6 @@ failures are real where the machine allows (a SIGKILL, a file-size limit, a full
 bind mount in a private mount namespace, an immutable file) and monkeypatched where it does not.
 """
 
-import configparser
 import contextlib
 import errno
 import fnmatch
@@ -29,6 +28,7 @@ import pytest
 
 pytest.importorskip("libcst", reason='the rewriter needs the `upgrade` extra: pip install "tf_seqloss[upgrade]"')
 
+from tests._pyproject import pyproject  # noqa: E402
 from tf_seqloss_upgrade import upgrade_source  # noqa: E402
 from tf_seqloss_upgrade.cli import main  # noqa: E402
 
@@ -683,12 +683,11 @@ def test_the_command_runs_without_importing_tensorflow(tmp_path):
 
 
 def test_the_console_script_is_a_module_that_does_not_import_tensorflow():
-    config = configparser.ConfigParser()
-    config.read(REPO / "setup.cfg")
-    scripts = dict(line.split(" = ") for line in config["options.entry_points"]["console_scripts"].split("\n") if line)
-    module, function = scripts["tf-seqloss-upgrade"].split(":")
+    config = pyproject()
+    module, function = config["project"]["scripts"]["tf-seqloss-upgrade"].split(":")
     # The distribution ships the module's package.
-    assert fnmatch.fnmatch(module.split(".")[0], config["options.packages.find"]["include"])
+    assert any(fnmatch.fnmatch(module.split(".")[0], pattern)
+               for pattern in config["tool"]["setuptools"]["packages"]["find"]["include"])
     code = (f"import sys, {module}; assert callable({module}.{function}); "
             "print([m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf_seqloss')])")
     run = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)

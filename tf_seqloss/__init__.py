@@ -17,7 +17,7 @@ from tf_seqloss._tf1_losses import (
     sparse_softmax_cross_entropy,
 )
 
-__version__ = "0.1.0"
+__version__ = "1.0.0"
 
 __all__ = [
     "FusedLinearHead",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import numbers
-from typing import Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import tensorflow as tf
@@ -71,7 +71,7 @@ def check_rank(x: tf.Tensor, arg: str, ranks: tuple[int, ...], layout: str) -> i
     return rank
 
 
-def dim(x: tf.Tensor, axis: int):
+def dim(x: tf.Tensor, axis: int) -> Union[int, tf.Tensor]:
     """Returns `x.shape[axis]` when static, else the run-time size as a scalar tensor."""
     static = x.shape[axis]
     return static if static is not None else tf.shape(x)[axis]
@@ -103,10 +103,10 @@ def ordinal(n: int) -> str:
     return f"{n}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
-def is_real_number(value) -> bool:
+def is_real_number(value: Any) -> bool:
     """True for a Python or NumPy int or float (not a bool, a string or a tensor)."""
-    return isinstance(value, (numbers.Real, np.number)) and not isinstance(value, (bool, np.bool_)) and \
-        np.ndim(value) == 0
+    # Both are scalars: a NumPy array is neither, so no check of the rank is needed.
+    return isinstance(value, (numbers.Real, np.number)) and not isinstance(value, (bool, np.bool_))
 
 
 def invalid_value(arg: str, expected: str, received: str, *, owner: Optional[str] = None) -> str:
@@ -128,14 +128,14 @@ def invalid_value(arg: str, expected: str, received: str, *, owner: Optional[str
     return f"Invalid value for argument `{arg}`{where}. Expected {expected}. Received: {arg}={received}"
 
 
-def check_label_smoothing(label_smoothing, *, allow_tensor: bool = True):
+def check_label_smoothing(label_smoothing: Any, *, allow_tensor: bool = True) -> Union[float, tf.Tensor]:
     """Returns `label_smoothing` checked to lie in `[0, 1]`: a float, or a scalar float tensor.
 
     A number (Python or NumPy) or a tensor with a value known while tracing is checked at once. A tensor
     known only when the graph runs gets an assert, and, since XLA compiles asserts away, is replaced by
     NaN where it is out of range, so the loss is NaN rather than silently wrong.
     """
-    def out_of_range(value):
+    def out_of_range(value: Any) -> ValueError:
         return ValueError(invalid_value(
             "label_smoothing", "a number in [0, 1] (the probability mass spread over all classes)", repr(value)))
 
@@ -163,7 +163,7 @@ def check_label_smoothing(label_smoothing, *, allow_tensor: bool = True):
     return tf.where(in_range, label_smoothing, tf.constant(np.nan, label_smoothing.dtype))
 
 
-def check_padding_id(padding_id) -> Optional[int]:
+def check_padding_id(padding_id: Any) -> Optional[int]:
     """Returns `padding_id` as a Python int (or None), raising for anything that is not an integer."""
     if padding_id is None:
         return None
@@ -186,19 +186,19 @@ def check_padding_id_fits(padding_id: int, targets_dtype: tf.DType) -> None:
             f"{padding_id} with targets.dtype={targets_dtype.name}"))
 
 
-def is_zero(value) -> bool:
+def is_zero(value: Any) -> bool:
     """True for a Python or NumPy number equal to 0 (a tensor is never treated as a static zero)."""
     return is_real_number(value) and value == 0
 
 
-def cast_number(value, dtype: tf.DType) -> tf.Tensor:
+def cast_number(value: Any, dtype: tf.DType) -> tf.Tensor:
     """Returns `value` as a `dtype` tensor; a Python float is converted directly, not through float32."""
     if is_real_number(value):
         return tf.constant(float(value), dtype)
     return tf.cast(value, dtype)
 
 
-def check_z_loss(z_loss) -> float:
+def check_z_loss(z_loss: Any) -> float:
     """Returns `z_loss` as a float after checking it is a Python or NumPy number in `[0, inf)`."""
     if not is_real_number(z_loss):
         raise TypeError(invalid_value(
@@ -210,7 +210,7 @@ def check_z_loss(z_loss) -> float:
     return value
 
 
-def check_epsilon(epsilon) -> None:
+def check_epsilon(epsilon: Any) -> None:
     """Raises unless `epsilon` is None or a number in `[0, float32 max]` (the loss divides by `normaliser + epsilon`).
 
     An infinite `epsilon` (or one that is infinite in float32, the compute dtype of most losses) would make
@@ -224,7 +224,7 @@ def check_epsilon(epsilon) -> None:
             "loss divides by `normaliser + epsilon`, so an infinite one makes every loss 0)", repr(epsilon)))
 
 
-def dtype_policy(dtype, owner: str, *, floating: bool = False):
+def dtype_policy(dtype: Any, owner: str, *, floating: bool = False) -> Any:
     """Returns the Keras dtype policy `dtype` names, resolved as the running Keras resolves a layer's `dtype`.
 
     Keras 3 and tf_keras refuse a bad name at different times (tf_keras' `Loss` takes no `dtype` at all,
@@ -249,7 +249,7 @@ def dtype_policy(dtype, owner: str, *, floating: bool = False):
     return policy
 
 
-def accumulator_dtype(dtype, owner: str) -> str:
+def accumulator_dtype(dtype: Any, owner: str) -> str:
     """Returns the dtype of a metric's running sums: float32 or float64, the variable dtype of `dtype`.
 
     An integer sum truncates fractional weights and cross-entropies (a perplexity of 5 read 3.79), and a
@@ -270,7 +270,7 @@ def accumulator_dtype(dtype, owner: str) -> str:
     return variable.name
 
 
-def check_name(name, owner: str) -> None:
+def check_name(name: Any, owner: str) -> None:
     """Raises unless `name` is None or a string (Keras 3 accepted any object until the first call)."""
     if name is not None and not isinstance(name, str):
         raise TypeError(invalid_value("name", "a string or None", f"{name!r} of type {type(name).__name__}",

@@ -16,6 +16,7 @@ data, not parameters. Where `"global"` sees the whole batch it is exactly `None`
 from __future__ import annotations
 
 import numbers
+from typing import Any, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -26,7 +27,7 @@ GLOBAL = "global"
 _EXPECTED = "None, 'global' or a positive token count (a number or a scalar tensor)"
 
 
-def check_normalizer(normalizer, *, scalar: bool, allow_tensor: bool = True):
+def check_normalizer(normalizer: Any, *, scalar: bool, allow_tensor: bool = True) -> Any:
     """Raises unless `normalizer` is None, `"global"` or a positive count; returns it (numbers as float).
 
     `scalar` says whether the flags reduce to a scalar (both `average_across_*` or both `sum_over_*`), the
@@ -73,7 +74,8 @@ def _check_positive(value: float) -> None:
             "normalizer", "a positive, finite number (the token count the summed loss is divided by)", repr(value)))
 
 
-def normalise(total: tf.Tensor, local_normaliser: tf.Tensor, normalizer, epsilon=None) -> tf.Tensor:
+def normalise(total: tf.Tensor, local_normaliser: tf.Tensor, normalizer: Any,
+              epsilon: Optional[float] = None) -> tf.Tensor:
     """Returns the scalar `total` divided by the normaliser `normalizer` names.
 
     `local_normaliser` is this call's own (summed weights, or count of non-zero weights), which `"global"`

@@ -429,10 +429,12 @@ def _recomputing_xent(logits, labels, smoothing, active, kernels=False, scatter=
 
     def forward(logits, *args, bfloat16_bits=False):
         if blocks:
-            return (_forward_kernel if kernels else _compiled_forward)(logits, *args, bfloat16_bits=bfloat16_bits)
+            # mypy cannot tell that `args` stops before the keywords.
+            return (_forward_kernel if kernels else _compiled_forward)(  # type: ignore[misc]
+                logits, *args, bfloat16_bits=bfloat16_bits)
         # Op by op a loop over row blocks was measured slower and saves nothing: the backward pass's ops
         # materialise float32 tensors of the logits' shape anyway.
-        return _compiled_forward(logits, *args, row_blocks=False)
+        return _compiled_forward(logits, *args, row_blocks=False)  # type: ignore[misc]  # as above
 
     backward = _backward_kernel if kernels else functools.partial(_compiled_backward, scatter=scatter)
 

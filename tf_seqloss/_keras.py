@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from typing import Any, Dict
 
 import tensorflow as tf
 
@@ -19,7 +20,7 @@ def _keras_module():
     return importlib.import_module("tf_keras" if legacy else "keras")
 
 
-keras = _keras_module()
+keras: Any = _keras_module()  # a module either way; Any, as neither ships type information
 IS_KERAS_3 = not keras.__version__.startswith("2.")
 FLAVOUR = "keras3" if IS_KERAS_3 else "tf_keras"
 
@@ -242,7 +243,7 @@ def _registered_function_by_bare_name(name: str):
     """
     if not isinstance(name, str) or ">" in name:
         return None
-    registry = getattr(keras.saving, "get_custom_objects", lambda: {})()
+    registry: Dict[str, Any] = getattr(keras.saving, "get_custom_objects", lambda: {})()
     found = {id(obj): obj for key, obj in registry.items()
              if key.rpartition(">")[2] == name and callable(obj) and not isinstance(obj, type)}
     return next(iter(found.values())) if len(found) == 1 else None

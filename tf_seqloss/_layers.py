@@ -8,7 +8,7 @@ subclassed models, under Keras 3 and tf_keras, and are registered for `.keras` s
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
@@ -52,13 +52,13 @@ class SequenceMask(keras.layers.Layer):
            [1., 1., 1., 0.]], dtype=float32)
     """
 
-    def __init__(self, maxlen: Optional[int] = None, output_dtype="float32", **kwargs):
+    def __init__(self, maxlen: Optional[int] = None, output_dtype: str = "float32", **kwargs: Any) -> None:
         _check_layer_dtype(kwargs, "SequenceMask")
         super().__init__(**kwargs)
         self.maxlen = _check_maxlen(maxlen)
         self.output_dtype = _check_mask_dtype(output_dtype)
 
-    def call(self, lengths, reference=None):
+    def call(self, lengths: Any, reference: Any = None) -> tf.Tensor:
         """Returns the `[batch, time]` mask of `lengths`, in `output_dtype`.
 
         Args:
@@ -91,7 +91,7 @@ class SequenceMask(keras.layers.Layer):
             maxlen = reference.shape[1] if reference.shape[1] is not None else tf.shape(reference)[1]
         return tf.sequence_mask(lengths, maxlen=maxlen, dtype=self.output_dtype)
 
-    def compute_output_shape(self, lengths_shape, reference_shape=None):
+    def compute_output_shape(self, lengths_shape: Any, reference_shape: Any = None) -> Tuple[Any, Any]:
         """Returns `(batch, time)`, with `time` from `maxlen` or `reference_shape` (None when unknown).
 
         Args:
@@ -726,7 +726,7 @@ class FusedLinearHead(keras.layers.Layer):
         return cls(**config)
 
 
-def _warn_about_logged_global_loss(layer) -> None:
+def _warn_about_logged_global_loss(layer: Any) -> None:
     if layer.normalizer == _distribute.GLOBAL and _keras.IS_KERAS_3 and _distribute.replicas_in_sync() > 1:
         # Keras 3 keeps `add_loss` losses in one list that the replica threads share; the all-reduce
         # inside this call lets one replica's logged total take in another's loss. The gradient is exact.
@@ -749,7 +749,7 @@ def _check_layer_dtype(kwargs: dict, owner: str, *, floating: bool = False) -> N
         _checks.dtype_policy(kwargs["dtype"], owner, floating=floating)
 
 
-def _check_maxlen(maxlen) -> Optional[int]:
+def _check_maxlen(maxlen: Any) -> Optional[int]:
     if maxlen is None:
         return None
     if isinstance(maxlen, (bool, np.bool_)) or not isinstance(maxlen, (int, np.integer)) \
@@ -759,7 +759,7 @@ def _check_maxlen(maxlen) -> Optional[int]:
     return int(maxlen)
 
 
-def _check_mask_dtype(output_dtype) -> str:
+def _check_mask_dtype(output_dtype: Any) -> str:
     try:
         dtype = tf.as_dtype(output_dtype)
     except TypeError:

@@ -381,8 +381,9 @@ def fused_linear_cross_entropy(hidden, kernel, bias, labels, weights, *, label_s
         # Stopped: the tape must not record the loop, whose ops' own gradients are never used.
         args = [tf.stop_gradient(x) for x in (hidden, kernel)]
         bias_arg = None if bias is None else tf.stop_gradient(bias)
-        ce, lse, grads, *token_stats_ = loop.run(*args, bias_arg, upstream=None if precompute else False,
-                                                 token_stats=token_stats)
+        # mypy cannot tell that `args` holds exactly hidden and kernel.
+        ce, lse, grads, *token_stats_ = loop.run(  # type: ignore[misc]
+            *args, bias_arg, upstream=None if precompute else False, token_stats=token_stats)
         stats["token_stats"] = token_stats_
         loss = factor * ce
 
@@ -392,7 +393,8 @@ def fused_linear_cross_entropy(hidden, kernel, bias, labels, weights, *, label_s
                 scale = tf.reduce_sum(upstream[:1])
                 d_hidden, d_kernel, d_bias = (None if g is None else g * tf.cast(scale, g.dtype) for g in grads)
             else:
-                _, _, (d_hidden, d_kernel, d_bias), *_ = loop.run(*args, bias_arg, upstream=upstream)
+                _, _, (d_hidden, d_kernel, d_bias), *_ = loop.run(  # type: ignore[misc]
+                    *args, bias_arg, upstream=upstream)
             result = [d_hidden, d_kernel]
             if has_bias:
                 result.append(d_bias)

@@ -35,7 +35,7 @@ at least half the rows start or end with) warns once, when its value is first re
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import tensorflow as tf
 
@@ -43,7 +43,7 @@ from tf_seqloss import _checks, _cross_entropy, _keras, _linear_head
 from tf_seqloss._keras import IS_KERAS_3, keras
 from tf_seqloss._keras_loss import standardize_targets
 from tf_seqloss._options import LossOptions
-from tf_seqloss._sequence_loss import token_losses
+from tf_seqloss._sequence_loss import TokenLosses, token_losses
 
 
 class _TokenMetric(keras.metrics.Metric):
@@ -62,7 +62,7 @@ class _TokenMetric(keras.metrics.Metric):
     `update_state()`. It never changes the values.
     """
 
-    def __init__(self, name: str, dtype=None, *, padding_id: Optional[int] = None, **kwargs):
+    def __init__(self, name: str, dtype: Any = None, *, padding_id: Optional[int] = None, **kwargs: Any) -> None:
         _checks.check_name(name, type(self).__name__)
         dtype = _checks.accumulator_dtype(dtype, type(self).__name__)
         super().__init__(name=name, dtype=dtype, **kwargs)
@@ -72,13 +72,13 @@ class _TokenMetric(keras.metrics.Metric):
         self.count = self._sum_variable("count")
         self._unmarked_padding = _PaddingProbe()
 
-    def _sum_variable(self, name: str):
+    def _sum_variable(self, name: str) -> tf.Variable:
         if IS_KERAS_3:
             return self.add_variable(shape=(), initializer="zeros", dtype=self.dtype, aggregation="sum", name=name)
         return self.add_weight(name=name, shape=(), initializer="zeros", dtype=self.dtype,
                                aggregation=tf.VariableAggregation.SUM)
 
-    def update_state(self, y_true, y_pred, sample_weight=None):
+    def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
         """Adds a batch: `y_true` `[batch, time]` ids (or probabilities), `y_pred` `[batch, time, classes]` logits.
 
         Padding comes from `sample_weight` (`[batch, time]`, `[batch]` or a scalar), the Keras mask of
@@ -186,7 +186,7 @@ class _TokenMetric(keras.metrics.Metric):
                 "`update_from_token_stats`)",
                 f"a tensor of shape {tuple(tokens.logits.shape)}", owner=f"{type(self).__name__}.update_state"))
 
-    def reset_state(self):
+    def reset_state(self) -> None:
         """Sets the running sums to 0, as Keras does at the start of every epoch and of `evaluate`."""
         self._unmarked_padding.warn_if_seen(self)  # Keras resets eagerly before an epoch and `evaluate`.
         for variable in (self.total, self.count):
@@ -233,17 +233,18 @@ class TokenPerplexity(_TokenMetric):
     5.0
     """
 
-    def __init__(self, name: str = "token_perplexity", dtype=None, *, padding_id: Optional[int] = None, **kwargs):
+    def __init__(self, name: str = "token_perplexity", dtype: Any = None, *, padding_id: Optional[int] = None,
+                 **kwargs: Any) -> None:
         super().__init__(name=name, dtype=dtype, padding_id=padding_id, **kwargs)
 
-    def _weighted_values(self, tokens):
+    def _weighted_values(self, tokens: TokenLosses) -> tf.Tensor:
         return tokens.weighted
 
     def _values_from_stats(self, stats, weights):
         # Padded tokens hold 0, real tokens with a bad id NaN (which the weight must not hide).
         return weights * tf.cast(stats.cross_entropy, self.dtype)
 
-    def result(self):
+    def result(self) -> tf.Tensor:
         """Returns the token perplexity since the last reset.
 
         Returns:
@@ -282,10 +283,11 @@ class TokenAccuracy(_TokenMetric):
     0.6
     """
 
-    def __init__(self, name: str = "token_accuracy", dtype=None, *, padding_id: Optional[int] = None, **kwargs):
+    def __init__(self, name: str = "token_accuracy", dtype: Any = None, *, padding_id: Optional[int] = None,
+                 **kwargs: Any) -> None:
         super().__init__(name=name, dtype=dtype, padding_id=padding_id, **kwargs)
 
-    def _weighted_values(self, tokens):
+    def _weighted_values(self, tokens: TokenLosses) -> tf.Tensor:
         predicted = tf.argmax(tokens.logits, axis=-1, output_type=tf.int64)
         targets = tokens.targets
         if targets.shape.rank == 3:
@@ -306,7 +308,7 @@ class TokenAccuracy(_TokenMetric):
         invalid = tf.math.is_nan(tf.cast(stats.cross_entropy, self.dtype))
         return tf.where(invalid, tf.constant(float("nan"), self.dtype), weights * correct)
 
-    def result(self):
+    def result(self) -> tf.Tensor:
         """Returns the token accuracy since the last reset.
 
         Returns:
@@ -323,7 +325,7 @@ class _PaddingProbe:
     `.keras` files and checkpoints hold the same variables as before it existed.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         # Created where the metric is (in a strategy's scope under `tf.distribute`): each replica records
         # its own batches, and a read averages them, which is above 0 if any replica saw padding. (A SUM
         # would refuse the update Keras 3 traces in the cross-replica context to build the metrics.)
@@ -347,7 +349,7 @@ class _PaddingProbe:
         self.seen.assign_add(tf.cast(looks_padded, self.seen.dtype))
 
     @tf.autograph.experimental.do_not_convert
-    def warn_if_seen(self, metric) -> None:
+    def warn_if_seen(self, metric: _TokenMetric) -> None:
         """Warns once if padding-like targets were recorded; only outside a graph, where reading costs nothing."""
         if self.warned or not tf.executing_eagerly():
             return
@@ -380,7 +382,7 @@ def _looks_padded(targets: tf.Tensor) -> tf.Tensor:
     rows = targets[:_PROBE_ROWS]
     batch = tf.shape(rows)[0]
 
-    def at_end(ends, neighbours):
+    def at_end(ends: tf.Tensor, neighbours: tf.Tensor) -> tf.Tensor:
         sharing = tf.reduce_sum(tf.cast(tf.equal(ends[:, None], ends[None, :]), tf.int32), axis=1)
         return tf.reduce_any(tf.logical_and(tf.equal(ends, neighbours), 2 * sharing >= batch))
 

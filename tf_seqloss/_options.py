@@ -252,8 +252,11 @@ def expose(*fields: str):
     """
     def decorate(cls):
         for field in fields or FIELDS:
-            setattr(cls, field, property(lambda self, field=field: getattr(self._options, field),
-                                         doc=f"The `{field}` option (read-only: build a new object to change it)."))
+            def read(self: Any, field: str = field) -> Any:
+                return getattr(self._options, field)
+
+            doc = f"The `{field}` option (read-only: build a new object to change it)."
+            setattr(cls, field, property(read, doc=doc))
         return cls
     return decorate
 

@@ -12,7 +12,7 @@ away, its sequence's weights become NaN instead, so the loss is NaN rather than 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -29,7 +29,7 @@ class DenseInputs(NamedTuple):
     lengths: Optional[tf.Tensor]
 
 
-def densify_ragged(logits, targets, weights=None) -> DenseInputs:
+def densify_ragged(logits: Any, targets: Any, weights: Any = None) -> DenseInputs:
     """Pads ragged `logits` (`[batch, (time), classes]`), `targets` and `weights` (`[batch, (time)]`).
 
     The row lengths of the ragged inputs become the sequence lengths; where several inputs are ragged
@@ -45,7 +45,7 @@ def densify_ragged(logits, targets, weights=None) -> DenseInputs:
     """
     lengths = None
 
-    def take_lengths(x, arg):
+    def take_lengths(x: Any, arg: str) -> Any:
         nonlocal lengths
         if _fused.in_xla_compilation():
             raise ValueError(
@@ -75,7 +75,7 @@ def densify_ragged(logits, targets, weights=None) -> DenseInputs:
         logits = logits.to_tensor()
     time = None if isinstance(logits, tf.RaggedTensor) else _checks.dim(tf.convert_to_tensor(logits), 1)
 
-    def pad(x, arg, rank):
+    def pad(x: Any, arg: str, rank: Tuple[int, ...]) -> Any:
         row_lengths = take_lengths(x, arg)
         if time is not None:
             tf.debugging.assert_less_equal(
@@ -101,11 +101,11 @@ def token_weights(
     targets: tf.Tensor,
     *,
     dtype: tf.DType,
-    weights=None,
-    sample_weight=None,
-    lengths=None,
+    weights: Any = None,
+    sample_weight: Any = None,
+    lengths: Any = None,
     padding_id: Optional[int] = None,
-    mask=None,
+    mask: Any = None,
     reference_arg: str = "logits",
 ) -> Optional[tf.Tensor]:
     """Returns the `[batch, time]` weight of every token in `dtype`, or None when nothing marks padding.
@@ -165,12 +165,12 @@ def ones_if_none(token_weights: Optional[tf.Tensor], like: tf.Tensor) -> tf.Tens
     return tf.ones(tf.shape(like), like.dtype) if token_weights is None else token_weights
 
 
-def _check_batch_time(reference, reference_arg, x, arg):
+def _check_batch_time(reference: tf.Tensor, reference_arg: str, x: tf.Tensor, arg: str) -> None:
     _checks.check_same_dim(reference, reference_arg, 0, x, arg, 0, "batch")
     _checks.check_same_dim(reference, reference_arg, 1, x, arg, 1, "time")
 
 
-def _length_mask(reference, reference_arg, lengths):
+def _length_mask(reference: tf.Tensor, reference_arg: str, lengths: Any) -> tf.Tensor:
     """Returns `(keep, bad_rows)`: the `[batch, time]` boolean mask of `lengths` and the out-of-range rows."""
     lengths = tf.convert_to_tensor(lengths, name="lengths")
     if not lengths.dtype.is_integer:
@@ -190,7 +190,7 @@ def _length_mask(reference, reference_arg, lengths):
     return tf.sequence_mask(lengths, maxlen=time), bad_rows
 
 
-def _standardize_sample_weight(sample_weight, targets, dtype):
+def _standardize_sample_weight(sample_weight: Any, targets: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
     """Returns Keras' `sample_weight` as `[batch, time]` weights in `dtype`."""
     weights = tf.convert_to_tensor(sample_weight)
     if not (weights.dtype.is_floating or weights.dtype.is_integer or weights.dtype == tf.bool):

@@ -264,7 +264,8 @@ def compute_weighted_loss(losses: TensorLike, weights: TensorLike = 1.0, scope: 
         return _reduce(losses * weights, weights, reduction)
 
 
-def _broadcast_weights(weights, shape, static_shape, dtype):
+def _broadcast_weights(weights: tf.Tensor, shape: tf.Tensor, static_shape: tf.TensorShape,
+                       dtype: tf.DType) -> tf.Tensor:
     """Returns `weights` checked by TF1's broadcasting rule and broadcast to `shape`, in `dtype`."""
     if weights is None:
         raise ValueError("Argument `weights` must not be None: pass 1.0 for unweighted losses.")
@@ -273,7 +274,7 @@ def _broadcast_weights(weights, shape, static_shape, dtype):
     return tf.broadcast_to(weights, shape)
 
 
-def _reduce(weighted, weights, reduction):
+def _reduce(weighted: tf.Tensor, weights: tf.Tensor, reduction: str) -> tf.Tensor:
     if reduction == Reduction.NONE:
         return weighted
     total = tf.reduce_sum(weighted)
@@ -288,7 +289,7 @@ def _reduce(weighted, weights, reduction):
     return tf.math.divide_no_nan(total, normaliser)
 
 
-def _squeeze_trailing_unit(weights, logits_rank):
+def _squeeze_trailing_unit(weights: tf.Tensor, logits_rank: int) -> tf.Tensor:
     """Squeezes `[..., 1]` weights given with the rank of the logits, as TF1 did."""
     if weights is None:
         return None
@@ -298,7 +299,7 @@ def _squeeze_trailing_unit(weights, logits_rank):
     return weights
 
 
-def _check_broadcastable(weights, losses_shape):
+def _check_broadcastable(weights: tf.Tensor, losses_shape: tf.TensorShape) -> None:
     """TF1's rule: scalar weights, or the rank of the losses with each dimension 1 or equal."""
     if weights.shape.rank == 0:
         return

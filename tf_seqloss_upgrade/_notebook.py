@@ -21,7 +21,7 @@ import copy
 import dataclasses
 import json
 import keyword
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from tf_seqloss_upgrade._bytes import FileResult
 from tf_seqloss_upgrade._rewriter import KEEP_NAMES, Finding, _upgrade_text, python_syntax_error, split_lines
@@ -80,7 +80,7 @@ def upgrade_notebook_bytes(data: bytes, path: str, contrib_version: str) -> File
             unseen.append(source)
             body = _parsable(path, _Cell(index, "", source, first_line=magic + 2),
                              "".join(split_lines(source)[magic + 1:]))
-            if body is not None:
+            if isinstance(body, _Cell):  # a cell magic's body is a cell or None, never a Finding
                 frozen.append(body)
             continue
         parsed = _parsable(path, _Cell(index, "", source), source)
@@ -105,7 +105,8 @@ def upgrade_notebook_bytes(data: bytes, path: str, contrib_version: str) -> File
             if any(piece is None for piece in restored):
                 return _refuse(data, path, "left unchanged: the rewritten code could not be split back into its "
                                            "cells exactly")
-            changes = {cell.index: new for cell, new in zip(cells, restored) if new != cell.original}
+            changes = {cell.index: new for cell, new in zip(cells, restored)
+                       if new is not None and new != cell.original}
     if frozen:
         findings += _frozen_warnings(path, contrib_version, cells, frozen)
     findings.sort(key=lambda f: (f.cell or 0, f.line, f.column))
@@ -122,7 +123,7 @@ def _refuse(data: bytes, path: str, message: str) -> FileResult:
     return FileResult(data, [Finding(path, 1, 1, "ERROR", message)])
 
 
-def _structure_problem(notebook) -> Optional[str]:
+def _structure_problem(notebook: Any) -> Optional[str]:
     """What keeps `notebook` (parsed JSON) from being an nbformat 4 notebook this tool can rewrite, or None."""
     if not isinstance(notebook, dict):
         return "the top level is not a JSON object"
@@ -155,7 +156,7 @@ def _language(notebook: dict) -> Optional[str]:
     return None
 
 
-def _joined(source) -> str:
+def _joined(source: Any) -> str:
     return source if isinstance(source, str) else "".join(source)
 
 
@@ -167,7 +168,7 @@ def _cell_magic(source: str) -> Optional[int]:
     return None
 
 
-def _parsable(path: str, cell: _Cell, text: str):
+def _parsable(path: str, cell: _Cell, text: str) -> Union[_Cell, Finding, None]:
     """`cell` with its code `text` (magics masked if it needs that to parse), or an ERROR Finding, or None.
 
     None stands for a cell magic's body that is not Python: nothing to say about it.
@@ -267,7 +268,7 @@ def _identifiers(texts: List[str]) -> List[str]:
     return sorted(name for name in names if name.isidentifier() and not keyword.iskeyword(name))
 
 
-def _join(cells: List[_Cell], unseen_names: List[str] = ()) -> Tuple[str, List[int]]:
+def _join(cells: List[_Cell], unseen_names: Sequence[str] = ()) -> Tuple[str, List[int]]:
     """One module of the cells' code, a marker statement between cells; and the line each cell starts on.
 
     After the last cell, behind one more marker, a `KEEP_NAMES(...)` call names what the code the
@@ -317,7 +318,7 @@ def _frozen_warnings(path: str, contrib_version: str, cells: List[_Cell], frozen
     frozen_indices = {cell.index for cell in frozen}
     warnings = []
     for finding in _in_cells(result.findings, everything, starts):
-        if finding.cell - 1 in frozen_indices:
+        if finding.cell is not None and finding.cell - 1 in frozen_indices:
             warnings.append(dataclasses.replace(
                 finding, level="WARNING",
                 message="left alone, as the cell starts with a cell magic; edit it by hand: " + finding.message))
@@ -365,7 +366,8 @@ def _members(text: str, position: int) -> Iterator[Tuple[str, int, int]]:
     """`(key, value start, value end)` of each member of the (valid) JSON object at `text[position]`."""
     position = _skip(text, position + 1)
     while text[position] != "}":
-        key, position = json.decoder.scanstring(text, position + 1)
+        # Public in json.decoder (and documented in its module), missing from typeshed's stub.
+        key, position = json.decoder.scanstring(text, position + 1)  # type: ignore[attr-defined]
         start = _skip(text, _skip(text, position) + 1)  # past the colon
         _, end = _DECODER.raw_decode(text, start)
         yield key, start, end

@@ -16,7 +16,7 @@ import dataclasses
 import io
 import re
 import sys
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Any, Container, Dict, List, Optional, Sequence, Set
 
 try:
     import libcst as cst
@@ -56,7 +56,7 @@ _TF1 = {f"{prefix}.{name}": name for prefix in _TF1_PREFIXES
                      "Reduction")}
 
 
-def _with_compat_v1(names):
+def _with_compat_v1(names: Any) -> Any:
     """Adds the `tensorflow.compat.v1.` spelling of every `tensorflow.` name (`import tensorflow.compat.v1 as tf`)."""
     if isinstance(names, dict):
         return {**names, **{"tensorflow.compat.v1." + k[len("tensorflow."):]: v for k, v in names.items()
@@ -256,7 +256,7 @@ class _Upgrader(VisitorBasedCodemodCommand):
         position = self.get_metadata(PositionProvider, node).start
         self.findings.append(Finding(self.path, position.line, position.column + 1, level, message))
 
-    def _match(self, node: cst.CSTNode, table) -> Optional[str]:
+    def _match(self, node: cst.CSTNode, table: Container[str]) -> Optional[str]:
         for name in self._names(node):
             if name in table:
                 return name
@@ -285,8 +285,8 @@ class _Upgrader(VisitorBasedCodemodCommand):
                                "(`tf.stack(logits, axis=1)` and so on) and call `tf_seqloss.sequence_loss`")
         elif self._match(func, _CONTRIB):
             self._plan_contrib(node)
-        elif self._match(func, _TFA):
-            target = f"tf_seqloss.compat.tfa.{_TFA[self._match(func, _TFA)]}"
+        elif tfa_name := self._match(func, _TFA):
+            target = f"tf_seqloss.compat.tfa.{_TFA[tfa_name]}"
             self._replace[id(func)] = target
             self._report(func, "INFO", f"`{_short(func)}` -> `{target}` (TFA 0.23 semantics)")
         elif self._match(func, _TF1):
@@ -363,6 +363,7 @@ class _Upgrader(VisitorBasedCodemodCommand):
     def _plan_tf1(self, call: cst.Call) -> None:
         func = call.func
         qualified = self._match(func, _TF1)
+        assert qualified is not None  # called on a match only
         name = _TF1[qualified]
         if name == "Reduction":
             return

@@ -21,9 +21,10 @@ class also works under Keras 3 (TFA's needed tf_keras) and has a `get_config`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import tensorflow as tf
+from tensorflow.types.experimental import TensorLike
 
 import tf_seqloss
 from tf_seqloss._keras import keras as _keras
@@ -33,9 +34,9 @@ __all__ = ["SequenceLoss", "sequence_loss"]
 
 @tf.autograph.experimental.do_not_convert
 def sequence_loss(
-    logits,
-    targets,
-    weights,
+    logits: TensorLike,
+    targets: TensorLike,
+    weights: TensorLike,
     average_across_timesteps: bool = True,
     average_across_batch: bool = True,
     sum_over_timesteps: bool = False,
@@ -96,8 +97,9 @@ def sequence_loss(
     )
 
 
-def _check(logits, targets, weights, average_across_timesteps, average_across_batch, sum_over_timesteps,
-           sum_over_batch):
+def _check(logits: tf.Tensor, targets: tf.Tensor, weights: tf.Tensor, average_across_timesteps: bool,
+           average_across_batch: bool, sum_over_timesteps: bool,
+           sum_over_batch: bool) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Raises TFA's errors in TFA's order, so code and tests matching its messages keep working."""
     logits = tf.convert_to_tensor(logits)
     targets = tf.convert_to_tensor(targets)
@@ -183,8 +185,8 @@ class SequenceLoss(_keras.losses.Loss):
         sum_over_batch: bool = True,
         softmax_loss_function: Optional[Callable] = None,
         name: Optional[str] = None,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> None:
         for flag, value in (("average_across_timesteps", average_across_timesteps),
                             ("average_across_batch", average_across_batch),
                             ("sum_over_timesteps", sum_over_timesteps), ("sum_over_batch", sum_over_batch)):
@@ -205,7 +207,7 @@ class SequenceLoss(_keras.losses.Loss):
         self.softmax_loss_function = softmax_loss_function
 
     @tf.autograph.experimental.do_not_convert
-    def __call__(self, y_true, y_pred, sample_weight=None):
+    def __call__(self, y_true: TensorLike, y_pred: TensorLike, sample_weight: Optional[TensorLike] = None) -> tf.Tensor:
         """Returns `sequence_loss(y_pred, y_true, sample_weight, **flags)`, of whatever rank the flags leave.
 
         Args:
@@ -244,7 +246,7 @@ class SequenceLoss(_keras.losses.Loss):
         )
 
     @tf.autograph.experimental.do_not_convert
-    def call(self, y_true, y_pred):
+    def call(self, y_true: TensorLike, y_pred: TensorLike) -> tf.Tensor:
         """Returns the loss without sample weights (all ones), reduced by the flags.
 
         Args:
