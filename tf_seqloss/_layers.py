@@ -564,6 +564,7 @@ class FusedLinearHead(keras.layers.Layer):
     def _tied_kernel(self, features):
         """Returns the tied embedding's `embeddings` variable after checking it is `[units, features]`."""
         embedding = self.embedding
+        assert embedding is not None  # `build` calls this for a tied head only
         if not embedding.built:
             embedding.build((None, None))  # an embedding's variable does not depend on the ids' shape
         variable = getattr(embedding, "embeddings", None)

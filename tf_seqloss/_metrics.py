@@ -120,7 +120,7 @@ class _TokenMetric(keras.metrics.Metric):
             self._unmarked_padding.check(tokens.targets)
             self._unmarked_padding.warn_if_seen(self)
 
-    def update_from_token_stats(self, stats):
+    def update_from_token_stats(self, stats: "_linear_head.TokenStats") -> None:
         """Adds a batch trained through a fused head: a `TokenStats` from `linear_sequence_loss`.
 
         `linear_sequence_loss(..., return_token_stats=True)` (or a head built on it) computes each
@@ -156,14 +156,14 @@ class _TokenMetric(keras.metrics.Metric):
         self.total.assign_add(tf.reduce_sum(values))
         self.count.assign_add(tf.reduce_sum(weights))
 
-    def _check_y_pred_rank(self, logits) -> None:
+    def _check_y_pred_rank(self, logits: tf.Tensor) -> None:
         rank = logits.shape.rank
         if rank is not None and rank != 3:
             raise ValueError(_checks.invalid_value(
                 "y_pred", f"[batch, time, classes] logits (rank 3) for `{type(self).__name__}`",
                 f"a tensor of shape {tuple(logits.shape)}", owner=f"{type(self).__name__}.update_state"))
 
-    def _check_classes(self, tokens) -> None:
+    def _check_classes(self, tokens: Any) -> None:
         """Refuses `y_pred` narrower than the ids of `y_true` when both are known (eagerly, or constants).
 
         Hidden states given in place of logits (e.g. by a model trained through a fused head) would
@@ -240,7 +240,7 @@ class TokenPerplexity(_TokenMetric):
     def _weighted_values(self, tokens: TokenLosses) -> tf.Tensor:
         return tokens.weighted
 
-    def _values_from_stats(self, stats, weights):
+    def _values_from_stats(self, stats: "_linear_head.TokenStats", weights: tf.Tensor) -> tf.Tensor:
         # Padded tokens hold 0, real tokens with a bad id NaN (which the weight must not hide).
         return weights * tf.cast(stats.cross_entropy, self.dtype)
 
@@ -301,7 +301,7 @@ class TokenAccuracy(_TokenMetric):
         # A select, not a product with NaN: XLA turns `w * float(correct)` into a select that drops the NaN.
         return tf.where(invalid, tf.constant(float("nan"), tokens.weights.dtype), tokens.weights * correct)
 
-    def _values_from_stats(self, stats, weights):
+    def _values_from_stats(self, stats: "_linear_head.TokenStats", weights: tf.Tensor) -> tf.Tensor:
         correct = tf.cast(tf.equal(tf.cast(stats.predictions, tf.int64), tf.cast(stats.targets, tf.int64)),
                           self.dtype)
         # The cross-entropy is NaN exactly at the real tokens whose id is out of range: NaN there too.

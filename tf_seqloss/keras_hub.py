@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from typing import Optional
+from typing import Any, Dict, Optional, Tuple, Union
 
 import tensorflow as tf
 
@@ -49,7 +49,7 @@ from tf_seqloss._options import LossOptions
 _INSTALL = 'pip install "tf_seqloss[keras-hub]"'
 
 
-def _keras_hub():
+def _keras_hub() -> Any:
     """Imports keras-hub when first needed, so that `tf_seqloss` never depends on it."""
     try:
         import keras_hub
@@ -58,7 +58,7 @@ def _keras_hub():
     return keras_hub
 
 
-def output_kernel(causal_lm):
+def output_kernel(causal_lm: Any) -> Tuple[tf.Tensor, bool]:
     """Returns `(kernel, transposed)`: the output projection of `causal_lm`'s reversed token embedding.
 
     With tied weights (GPT-2, Gemma) that is the `[vocabulary, features]` embedding table itself, read
@@ -71,8 +71,14 @@ def output_kernel(causal_lm):
     return tf.convert_to_tensor(embedding.embeddings), True
 
 
-def fused_causal_lm(causal_lm, *, chunk_size: Optional[int] = None, z_loss=0.0, label_smoothing=0.0,
-                    normalizer=None):
+def fused_causal_lm(
+    causal_lm: Any,
+    *,
+    chunk_size: Optional[int] = None,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    normalizer: Optional[Union[str, float]] = None,
+) -> Any:
     """Returns `causal_lm`, whose `fit` and `evaluate` now train through `linear_sequence_loss`.
 
     The task's `train_step` and `test_step` are replaced on this object only: the forward pass stops at
@@ -132,14 +138,14 @@ class _FusedTrainer:
         keras = _keras_hub_keras()
         self.metrics = (keras.metrics.Mean(name="loss"), _metrics.TokenAccuracy(), _metrics.TokenPerplexity())
 
-    def reset_metrics(self, model):
+    def reset_metrics(self, model: Any) -> None:
         for metric in self.metrics:
             metric.reset_state()
 
-    def get_metrics_result(self, model):
+    def get_metrics_result(self, model: Any) -> Dict[str, tf.Tensor]:
         return {metric.name: metric.result() for metric in self.metrics}
 
-    def loss(self, model, x, y, sample_weight, training):
+    def loss(self, model: Any, x: Any, y: Any, sample_weight: Any, training: bool) -> Tuple[tf.Tensor, Any]:
         """Returns `(loss, stats)` of a batch: the fused loss of the backbone's hidden states."""
         hidden = model.backbone(x, training=training)
         embedding = model.backbone.token_embedding
@@ -161,7 +167,7 @@ class _FusedTrainer:
             loss += tf.add_n([tf.cast(extra, loss.dtype) for extra in model.losses])
         return loss, stats
 
-    def _log(self, loss, stats):
+    def _log(self, loss: tf.Tensor, stats: Any) -> Dict[str, tf.Tensor]:
         # The replicas' logged values average to the batch's loss: a global share is multiplied back.
         logged = loss if self.options.normalizer is None else _distribute.undo_replica_scaling(loss)
         mean, accuracy, perplexity = self.metrics
@@ -170,7 +176,7 @@ class _FusedTrainer:
         perplexity.update_from_token_stats(stats)
         return self.get_metrics_result(None)
 
-    def train_step(self, model, data):
+    def train_step(self, model: Any, data: Any) -> Dict[str, tf.Tensor]:
         keras = _keras_hub_keras()
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
@@ -185,14 +191,14 @@ class _FusedTrainer:
         model.optimizer.apply_gradients(zip(gradients, weights))
         return self._log(loss, stats)
 
-    def test_step(self, model, data):
+    def test_step(self, model: Any, data: Any) -> Dict[str, tf.Tensor]:
         keras = _keras_hub_keras()
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         loss, stats = self.loss(model, x, y, sample_weight, training=False)
         return self._log(loss, stats)
 
 
-def _keras_hub_keras():
+def _keras_hub_keras() -> Any:
     """The Keras that keras-hub runs on (Keras 3), whatever `TF_USE_LEGACY_KERAS` says for tf_seqloss."""
     import keras
     return keras
