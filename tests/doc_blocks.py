@@ -164,7 +164,7 @@ def _check_command(block: Block, words: List[str]) -> None:
                     assert exit.code == 0, f"{where}: the example refuses these options"
     elif words[:2] == ["pip", "install"]:
         for spec in words[2:]:
-            match = re.fullmatch(r"(\.|tf_seqloss)(?:\[(\w+)\])?", spec)
+            match = re.fullmatch(r"(\.|tf_seqloss)(?:\[([\w-]+)\])?", spec)
             assert match, f"{where}: installs something other than this package"
             assert match.group(2) is None or match.group(2) in _extras(), f"{where}: no extra {match.group(2)}"
     elif words[0] == "tf-seqloss-upgrade" or words[:3] == ["python", "-m", "tf_seqloss_upgrade"]:
@@ -183,22 +183,10 @@ def _check_command(block: Block, words: List[str]) -> None:
 
 
 def _extras() -> set:
-    """The package's extras, from pyproject.toml's [project.optional-dependencies] or setup.cfg."""
-    extras = set()
-    pyproject = ROOT / "pyproject.toml"
-    if pyproject.is_file():
-        section = re.search(r"^\[project\.optional-dependencies\]\n(.*?)(?=^\[|\Z)", pyproject.read_text(), re.M | re.S)
-        if section:
-            extras |= set(re.findall(r"^([\w-]+)\s*=", section.group(1), re.M))
-    setup_cfg = ROOT / "setup.cfg"
-    if setup_cfg.is_file():
-        import configparser
+    """The package's extras, from pyproject.toml's [project.optional-dependencies]."""
+    from tests._pyproject import pyproject
 
-        parser = configparser.ConfigParser()
-        parser.read(setup_cfg)
-        if parser.has_section("options.extras_require"):
-            extras |= set(parser["options.extras_require"])
-    return extras
+    return set(pyproject()["project"].get("optional-dependencies", {}))
 
 
 def _help_text(command: str) -> str:
