@@ -15,12 +15,17 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # A change of pyproject.toml or the constraints installs again.
 stamp="$venv/.installed-$(cat pyproject.toml ${constraints:+"$constraints"} | sha1sum | cut -c1-12)"
+# The default environment (the README's commands, CI) has every extra, so that the docs build and the keras-hub
+# tests run; a pinned combination (scripts/test_versions.sh) the test and example ones (keras-hub's releases
+# for TensorFlow 2.21 need Python 3.11, and the docs extra is empty before 3.11).
+extras="test,example"
+[ -n "$constraints" ] || extras="$extras,docs,keras-hub"
 if [ ! -e "$stamp" ]; then
     echo "Installing tf_seqloss and its test and example dependencies into ./$venv (once; a few minutes)..."
     # pip's own output (index warnings, setuptools' editable-install notice) goes to a log, shown on failure.
     log="$venv/install.log"
     if ! { "$venv/bin/python" -m pip install --upgrade pip \
-            && "$venv/bin/python" -m pip install ${constraints:+-c "$constraints"} -e ".[test,example]"; } \
+            && "$venv/bin/python" -m pip install ${constraints:+-c "$constraints"} -e ".[$extras]"; } \
             > "$log" 2>&1; then
         cat "$log" >&2
         echo "Installing into ./$venv failed; the output above is also in $log." >&2
