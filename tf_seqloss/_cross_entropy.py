@@ -61,13 +61,16 @@ def choose_implementation(implementation: str, num_classes: Optional[int] = None
 
         - inside an XLA compilation, `"fused"`, whose plain ops XLA fuses;
         - below `MIN_CLASSES_FOR_KERNELS` classes, or with an unknown number of classes, the reference;
-        - with sizes unknown while tracing (a `tf.function` with `None` sizes, one with
-          `reduce_retracing=True` from its second shape on, Keras' `fit`), `"fused"`: plain ops, which
-          compile nothing per shape;
-        - with static sizes (eager calls, a `tf.function` traced for a concrete shape), `"fused_xla"`:
-          two XLA kernels, compiled once per shape. A loop whose shapes change at every step then
-          compiles at every new shape: give its `tf.function` `None` sizes (or `reduce_retracing=True`)
-          to get `"fused"`, or pass `implementation="fused"`.
+        - while tracing a `tf.function` (with `None` sizes or static ones, Keras' `fit`), `"fused"`:
+          plain ops, which compile nothing per shape, and which the executor runs in the logits' own
+          buffer once nothing else reads them, as in a training step where the projection makes the
+          logits: the step then peaks no higher than with `tf.nn.sparse_softmax_cross_entropy_with_logits`
+          (benchmarks/README.md, "Whole training steps"). `"fused_xla"` is faster per step with static
+          sizes, but its backward kernel reads the logits and writes a new gradient: one more
+          logits-sized buffer for the step. Pass `implementation="fused_xla"` to buy that speed;
+        - eagerly (static sizes), `"fused_xla"`: two XLA kernels, compiled once per shape. Eagerly the
+          caller holds the logits anyway. A loop whose shapes change at every step then compiles at
+          every new shape: pass `implementation="fused"`, or trace the loop's step in a `tf.function`.
 
         benchmarks/README.md has the figures behind these choices.
     """
@@ -79,7 +82,7 @@ def choose_implementation(implementation: str, num_classes: Optional[int] = None
         return "fused"
     if num_classes is None or num_classes < MIN_CLASSES_FOR_KERNELS:
         return "reference"
-    return "fused" if rows is None else "fused_xla"
+    return "fused" if rows is None or not tf.executing_eagerly() else "fused_xla"
 
 
 @tf.autograph.experimental.do_not_convert
