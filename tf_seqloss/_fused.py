@@ -302,13 +302,16 @@ def _gradient(softmax_times_g, labels, upstream, smoothing, dtype, scatter):
     return tf.cast(grad, dtype)
 
 
+# `InplaceSub` indexes the flattened gradient with int32: larger gradients take the scatter.
+IN_PLACE_LIMIT = 2**31
+
+
 def _subtract_at_labels(x, labels, values):
     """Returns `x` with `values[i]` subtracted from `x[i, labels[i]]`, written into `x`'s own buffer.
 
     `x` must be a tensor no one else holds (a fresh gradient): `InplaceSub` writes into its input. Op by
     op, `tensor_scatter_nd_sub` copies its input first, a second gradient-sized buffer alive with the
-    first (benchmarks/README.md, "Whole training steps"). `InplaceSub` indexes rows of the flattened
-    gradient with int32, so a gradient of 2**31 elements or more takes the scatter instead.
+    first (benchmarks/README.md, "Whole training steps"). From `IN_PLACE_LIMIT` elements on, the scatter.
     """
     n, classes = tf.shape(x, out_type=tf.int64)[0], tf.shape(x, out_type=tf.int64)[1]
     rows = tf.range(n, dtype=tf.int64)
@@ -322,8 +325,8 @@ def _subtract_at_labels(x, labels, values):
 
     size = x.shape.num_elements()
     if size is not None:
-        return in_place() if size < 2**31 else scatter()
-    return tf.cond(n * classes < 2**31, in_place, scatter)
+        return in_place() if size < IN_PLACE_LIMIT else scatter()
+    return tf.cond(n * classes < IN_PLACE_LIMIT, in_place, scatter)
 
 
 def _second_order(logits, labels, upstream, cotangent, smoothing):
