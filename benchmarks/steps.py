@@ -72,7 +72,8 @@ def _masked_mean(entry, logits, targets, mask):
     import tensorflow as tf
 
     if entry == "tf.nn":
-        token_loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+        # Its kernel has no half-precision CPU kernel: the logits are cast, as users do.
+        token_loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=tf.cast(logits, tf.float32))
         return tf.reduce_sum(token_loss * mask) / tf.reduce_sum(mask)
     scce = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
     return scce(targets, logits, sample_weight=mask) / tf.reduce_sum(mask)

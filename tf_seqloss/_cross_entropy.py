@@ -41,7 +41,7 @@ MIN_CLASSES_FOR_KERNELS = 1024
 
 
 def choose_implementation(implementation: str, num_classes: Optional[int] = None, *,
-                          rows: Optional[int] = None) -> str:
+                          rows: Optional[int] = None, dtype: Optional[tf.DType] = None) -> str:
     """Returns the formulation `implementation` stands for: `"auto"` resolved, any other name as is.
 
     The choice depends only on the call: its arguments, whether an XLA compilation is being traced, and
@@ -53,6 +53,7 @@ def choose_implementation(implementation: str, num_classes: Optional[int] = None
         num_classes: the static number of classes, None where unknown while tracing.
         rows: the static number of tokens (the product of the other dimensions of the logits), None where
             some of them is unknown while tracing.
+        dtype: the logits' dtype (None: float32).
 
     Returns:
         `implementation` unless it is `"auto"`. `"auto"` keeps the reference whenever the machine has an
@@ -67,7 +68,10 @@ def choose_implementation(implementation: str, num_classes: Optional[int] = None
           logits: the step then peaks no higher than with `tf.nn.sparse_softmax_cross_entropy_with_logits`
           (benchmarks/README.md, "Whole training steps"). `"fused_xla"` is faster per step with static
           sizes, but its backward kernel reads the logits and writes a new gradient: one more
-          logits-sized buffer for the step. Pass `implementation="fused_xla"` to buy that speed;
+          logits-sized buffer for the step. Pass `implementation="fused_xla"` to buy that speed.
+          Except half-precision logits (bfloat16, float16) with static sizes: their plain ops materialise
+          float32 tensors of the logits' shape, and the kernels, which keep nothing logits-sized and
+          write a half-precision gradient, peak lower: `"fused_xla"`;
         - eagerly (static sizes), `"fused_xla"`: two XLA kernels, compiled once per shape. Eagerly the
           caller holds the logits anyway. A loop whose shapes change at every step then compiles at
           every new shape: pass `implementation="fused"`, or trace the loop's step in a `tf.function`.
@@ -82,7 +86,11 @@ def choose_implementation(implementation: str, num_classes: Optional[int] = None
         return "fused"
     if num_classes is None or num_classes < MIN_CLASSES_FOR_KERNELS:
         return "reference"
-    return "fused" if rows is None or not tf.executing_eagerly() else "fused_xla"
+    if rows is None:
+        return "fused"
+    if tf.executing_eagerly() or (dtype is not None and dtype in (tf.bfloat16, tf.float16)):
+        return "fused_xla"
+    return "fused"
 
 
 @tf.autograph.experimental.do_not_convert
@@ -105,7 +113,7 @@ def sparse_cross_entropy(logits: tf.Tensor, labels: tf.Tensor, weights: Optional
     valid, safe_labels = checked_ids(labels, tf.shape(logits)[-1])
     active = None if weights is None else tf.not_equal(weights, 0)
     rows = logits.shape[:-1].num_elements() if logits.shape[:-1].is_fully_defined() else None
-    chosen = choose_implementation(implementation, logits.shape[-1], rows=rows)
+    chosen = choose_implementation(implementation, logits.shape[-1], rows=rows, dtype=logits.dtype)
     if chosen != "reference":
         # The fused formulation takes half-precision logits as they are, so that its gradient is computed
         # in float32 and cast back in the same kernel. It gives rows of zero upstream gradient a zero

@@ -293,6 +293,7 @@ def _gradient(softmax_times_g, labels, upstream, smoothing, dtype, scatter):
             at_label = tf.gather(softmax_times_g, labels[:, None], batch_dims=1)[:, 0] - at_label
             return tf.tensor_scatter_nd_update(tf.cast(softmax_times_g, dtype), at, tf.cast(at_label, dtype))
         if scatter == "in_place":
+            # Half-precision logits too: subtracted in the float32 buffer, then rounded once in the cast.
             return tf.cast(_subtract_at_labels(softmax_times_g, labels, at_label), dtype)
         grad = tf.tensor_scatter_nd_sub(softmax_times_g, at, at_label)
     else:
@@ -374,6 +375,14 @@ def _as_args(smoothing):
     return [] if smoothing is None else [smoothing]
 
 
+def _op_by_op_scatter():
+    """The `scatter` of `_gradient` for plain ops: in place on CPU-only machines outside XLA (where XLA
+    updates its buffer in place itself); elsewhere the scatter, whose kernels every device has."""
+    if in_xla_compilation():
+        return True
+    return True if accelerator_visible() else "in_place"
+
+
 def _traced_xent(logits, labels, smoothing, active):
     """The formulation as plain ops: the forward pass keeps `exp(logits - shift)` for the backward pass.
 
@@ -383,7 +392,7 @@ def _traced_xent(logits, labels, smoothing, active):
     fused loop under XLA.
     """
     if _checks.compute_dtype(logits.dtype) != logits.dtype:
-        return _recomputing_xent(logits, labels, smoothing, active, scatter=not in_xla_compilation())
+        return _recomputing_xent(logits, labels, smoothing, active, scatter=_op_by_op_scatter())
 
     max_shift = not in_xla_compilation()
 
@@ -428,8 +437,7 @@ def _traced_xent(logits, labels, smoothing, active):
                     divide_then_multiply)
             # A scatter, not a comparison: XLA then rescales the kept buffer in place (benchmarks/README.md,
             # "How").
-            return _gradient(softmax_times_g, labels, upstream, smoothing, logits.dtype,
-                             scatter=True if in_xla_compilation() or accelerator_visible() else "in_place")
+            return _gradient(softmax_times_g, labels, upstream, smoothing, logits.dtype, scatter=_op_by_op_scatter())
 
         def grad(upstream):
             if _could_record is not None and not _could_record():
