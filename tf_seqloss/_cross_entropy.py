@@ -42,7 +42,7 @@ MIN_CLASSES_FOR_KERNELS = 1024
 
 
 def choose_implementation(implementation: str, num_classes: Optional[int] = None, *,
-                          rows: Optional[int] = None) -> str:
+                          rows: Optional[int] = None, dtype: Optional[tf.DType] = None) -> str:
     """Returns the formulation `implementation` stands for: `"auto"` resolved, any other name as is.
 
     The choice depends only on the call: its arguments, whether an XLA compilation is being traced, and
@@ -54,6 +54,7 @@ def choose_implementation(implementation: str, num_classes: Optional[int] = None
         num_classes: the static number of classes, None where unknown while tracing.
         rows: the static number of tokens (the product of the other dimensions of the logits), None where
             some of them is unknown while tracing.
+        dtype: the logits' dtype (None: float32).
 
     Returns:
         `implementation` unless it is `"auto"`; for `"auto"`, the formulation the rule stated once, in the
@@ -68,7 +69,11 @@ def choose_implementation(implementation: str, num_classes: Optional[int] = None
         return "fused"
     if num_classes is None or num_classes < MIN_CLASSES_FOR_KERNELS:
         return "reference"
-    return "fused" if rows is None else "fused_xla"
+    if rows is None:
+        return "fused"
+    if tf.executing_eagerly() or (dtype is not None and dtype in (tf.bfloat16, tf.float16)):
+        return "fused_xla"
+    return "fused"
 
 
 @tf.autograph.experimental.do_not_convert
@@ -91,7 +96,7 @@ def sparse_cross_entropy(logits: tf.Tensor, labels: tf.Tensor, weights: Optional
     valid, safe_labels = checked_ids(labels, tf.shape(logits)[-1])
     active = None if weights is None else tf.not_equal(weights, 0)
     rows = logits.shape[:-1].num_elements() if logits.shape[:-1].is_fully_defined() else None
-    chosen = choose_implementation(implementation, logits.shape[-1], rows=rows)
+    chosen = choose_implementation(implementation, logits.shape[-1], rows=rows, dtype=logits.dtype)
     if chosen != "reference":
         # The fused formulation takes half-precision logits as they are, so that its gradient is computed
         # in float32 and cast back in the same kernel. It gives rows of zero upstream gradient a zero

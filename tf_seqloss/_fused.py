@@ -67,6 +67,13 @@ def find_xla_detector():
 
 _xla_detector = find_xla_detector()
 
+try:  # Whether a gradient tape could record the ops being built now (private API, as in `_linear_head`).
+    # Without it every backward pass is built differentiable, reading the logits: exact, with the logits
+    # kept alive until the backward pass (see `_traced_xent`).
+    from tensorflow.python.eager.record import could_possibly_record as _could_record
+except ImportError:
+    _could_record = None
+
 
 def in_xla_compilation(unknown: bool = False) -> bool:
     """True while tracing a function that XLA compiles (`jit_compile=True`, or a Keras model compiled so).
@@ -119,7 +126,7 @@ def fused_cross_entropy(logits: tf.Tensor, labels: tf.Tensor, label_smoothing=0.
 
 
 def _forward(logits, labels, smoothing, active=None, keep_unnormalised=True, row_blocks=False,
-             bfloat16_bits=False):
+             bfloat16_bits=False, max_shift=False):
     """Returns `(loss, unnormalised_softmax, sum_exp, shift)` of flat `[n, classes]` logits, in float32+.
 
     `unnormalised_softmax` is `exp(logits - shift)` with one `shift` per row, chosen so that `exp` cannot
@@ -167,7 +174,10 @@ def _forward(logits, labels, smoothing, active=None, keep_unnormalised=True, row
             sum_exp = reduce_rows(lambda x, shift: tf.reduce_sum(tf.exp(x - shift[:, None]), axis=-1), shift)
             return None, sum_exp, shift
 
-    if in_xla_compilation() and not logits.shape.is_fully_defined():
+    if max_shift:
+        with tf.control_dependencies([target_logit]):
+            unnormalised, sum_exp, shift = shifted_by(row_max())
+    elif in_xla_compilation() and not logits.shape.is_fully_defined():
         # Sizes unknown while tracing under XLA: the function is compiled anew for every shape it meets,
         # and the fallback's branch costs more compilation time than the pass for the maximum costs running
         # (benchmarks/README.md, "Three processes an entry, and the loss's compilation under XLA").
@@ -282,12 +292,42 @@ def _gradient(softmax_times_g, labels, upstream, smoothing, dtype, scatter):
             # limits"). GPUs have no half-precision scatter kernel: there the float32 one stays.
             at_label = tf.gather(softmax_times_g, labels[:, None], batch_dims=1)[:, 0] - at_label
             return tf.tensor_scatter_nd_update(tf.cast(softmax_times_g, dtype), at, tf.cast(at_label, dtype))
+        if scatter == "in_place":
+            # Half-precision logits too: subtracted in the float32 buffer, then rounded once in the cast.
+            return tf.cast(_subtract_at_labels(softmax_times_g, labels, at_label), dtype)
         grad = tf.tensor_scatter_nd_sub(softmax_times_g, at, at_label)
     else:
         columns = tf.range(tf.shape(softmax_times_g, out_type=labels.dtype)[-1], dtype=labels.dtype)
         grad = tf.where(columns[None, :] == labels[:, None], softmax_times_g - at_label[:, None],
                         softmax_times_g)
     return tf.cast(grad, dtype)
+
+
+# `InplaceSub` indexes the flattened gradient with int32: larger gradients take the scatter.
+IN_PLACE_LIMIT = 2**31
+
+
+def _subtract_at_labels(x, labels, values):
+    """Returns `x` with `values[i]` subtracted from `x[i, labels[i]]`, written into `x`'s own buffer.
+
+    `x` must be a tensor no one else holds (a fresh gradient): `InplaceSub` writes into its input. Op by
+    op, `tensor_scatter_nd_sub` copies its input first, a second gradient-sized buffer alive with the
+    first (benchmarks/README.md, "Whole training steps"). From `IN_PLACE_LIMIT` elements on, the scatter.
+    """
+    n, classes = tf.shape(x, out_type=tf.int64)[0], tf.shape(x, out_type=tf.int64)[1]
+    rows = tf.range(n, dtype=tf.int64)
+
+    def in_place():
+        at = tf.cast(rows * classes + tf.cast(labels, tf.int64), tf.int32)
+        return tf.reshape(tf.raw_ops.InplaceSub(x=tf.reshape(x, [-1]), i=at, v=values), tf.shape(x))
+
+    def scatter():
+        return tf.tensor_scatter_nd_sub(x, tf.stack([rows, tf.cast(labels, tf.int64)], axis=1), values)
+
+    size = x.shape.num_elements()
+    if size is not None:
+        return in_place() if size < IN_PLACE_LIMIT else scatter()
+    return tf.cond(n * classes < IN_PLACE_LIMIT, in_place, scatter)
 
 
 def _second_order(logits, labels, upstream, cotangent, smoothing):
@@ -335,6 +375,14 @@ def _as_args(smoothing):
     return [] if smoothing is None else [smoothing]
 
 
+def _op_by_op_scatter():
+    """The `scatter` of `_gradient` for plain ops: in place on CPU-only machines outside XLA (where XLA
+    updates its buffer in place itself); elsewhere the scatter, whose kernels every device has."""
+    if in_xla_compilation():
+        return True
+    return True if accelerator_visible() else "in_place"
+
+
 def _traced_xent(logits, labels, smoothing, active):
     """The formulation as plain ops: the forward pass keeps `exp(logits - shift)` for the backward pass.
 
@@ -344,13 +392,16 @@ def _traced_xent(logits, labels, smoothing, active):
     fused loop under XLA.
     """
     if _checks.compute_dtype(logits.dtype) != logits.dtype:
-        return _recomputing_xent(logits, labels, smoothing, active, scatter=not in_xla_compilation())
+        return _recomputing_xent(logits, labels, smoothing, active, scatter=_op_by_op_scatter())
+
+    max_shift = not in_xla_compilation()
 
     @tf.custom_gradient
     def xent(logits, *smoothing_arg):
         # The tape must not record the forward ops: their registered gradients are never used, and in
         # eager mode recording them would keep every logits-sized intermediate alive.
-        loss, unnormalised, sum_exp, _ = _forward(tf.stop_gradient(logits), labels, smoothing, active)
+        loss, unnormalised, sum_exp, _ = _forward(tf.stop_gradient(logits), labels, smoothing, active,
+                                                  max_shift=max_shift)
 
         def first_order(logits, upstream):
             # Only the dtype of `logits` is read: the kept `unnormalised` holds the rest.
@@ -365,6 +416,12 @@ def _traced_xent(logits, labels, smoothing, active):
 
             if in_xla_compilation():  # XLA fuses the two products into one pass anyway
                 softmax_times_g = divide_then_multiply()
+            elif max_shift:
+                # Shifted by the maximum, `sum_exp` lies in [1, classes], and `g / sum_exp` is below the
+                # smallest normal float only where every product is too: one `MulNoNan`, which the
+                # executor runs in the kept buffer (no `tf.cond` around it holding that buffer).
+                scale = tf.where(upstream == 0, tf.zeros_like(upstream), upstream / sum_exp)
+                softmax_times_g = tf.math.multiply_no_nan(unnormalised, scale[:, None])
             else:
                 # Op by op, one pass over the logits instead of two (a quarter of the backward pass, see
                 # benchmarks/README.md, "Measurements behind choices in the code"): `MulNoNan` by the
@@ -380,9 +437,14 @@ def _traced_xent(logits, labels, smoothing, active):
                     divide_then_multiply)
             # A scatter, not a comparison: XLA then rescales the kept buffer in place (benchmarks/README.md,
             # "How").
-            return _gradient(softmax_times_g, labels, upstream, smoothing, logits.dtype, scatter=True)
+            return _gradient(softmax_times_g, labels, upstream, smoothing, logits.dtype, scatter=_op_by_op_scatter())
 
         def grad(upstream):
+            if _could_record is not None and not _could_record():
+                # No tape records this backward pass, so it needs no second derivative, and it reads
+                # nothing of the logits but their dtype: they can be freed after the forward pass, whose
+                # ops then write `exp(logits - shift)` into their buffer (see `_forward`).
+                return (first_order(logits, upstream), *(None for _ in smoothing_arg))
             return (_with_second_order(first_order, logits, labels, upstream, smoothing),
                     *(None for _ in smoothing_arg))
 

@@ -102,16 +102,20 @@ def sequence_loss(
             second order) to float tolerance. `"reference"` is
             `tf.nn.sparse_softmax_cross_entropy_with_logits`. `"fused"` is `logsumexp - target logit`
             with a hand-written gradient that XLA fuses, under `jit_compile=True`, into passes that keep a
-            single logits-sized buffer. `"fused_xla"` is the same formulation compiled by XLA into two
-            kernels even in eager mode and plain `tf.function`s, where it keeps no logits-sized buffer
-            between forward and backward; XLA compiles them once per input shape. `"auto"` (default) keeps
-            the reference whenever a GPU or other accelerator is visible, since only CPU was measured; on
-            a CPU-only machine it takes the reference below 1024 classes, else `"fused"` under XLA,
-            `"fused_xla"` when the shape is static (eager, or a trace for a concrete shape), and `"fused"`
-            when sizes are unknown while tracing (`None` sizes, Keras' `fit`), which compiles nothing per
-            shape. The choice depends on the call alone, never on earlier calls: a loop whose static
-            shape changes every step compiles every shape, so give its `tf.function` `None` sizes or pass
-            `"fused"`. `benchmarks/README.md` has the figures.
+            single logits-sized buffer; in a plain `tf.function` its ops run in the logits' own buffer
+            once nothing else reads them (a training step whose projection makes the logits), so the
+            step peaks no higher than with `tf.nn`. `"fused_xla"` is the same formulation compiled by XLA
+            into two kernels even in eager mode and plain `tf.function`s, where it keeps no logits-sized
+            buffer between forward and backward, but writes the gradient beside the logits; XLA compiles
+            them once per input shape. `"auto"` (default) keeps the reference whenever a GPU or other
+            accelerator is visible, since only CPU was measured; on a CPU-only machine it takes the
+            reference below 1024 classes, else `"fused_xla"` eagerly and `"fused"` while tracing (under
+            XLA, in a `tf.function` with static or `None` sizes, in Keras' `fit`), which compiles nothing
+            per shape. Memory decides that choice: in a `tf.function` with static sizes
+            `implementation="fused_xla"` is faster per step and buys that speed for one more
+            logits-sized buffer. The choice depends on the call alone, never on earlier calls: an eager
+            loop whose shape changes every step compiles every shape, so pass `"fused"` there.
+            `benchmarks/README.md` has the figures.
         normalizer: keyword-only, for the scalar modes only (both `average_across_*` flags, or both
             `sum_over_*` flags). What the weighted sum is divided by when the batch is one part of a larger
             one: `None` (default) this call's own weights (their sum, or their non-zero count);
