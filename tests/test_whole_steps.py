@@ -57,6 +57,7 @@ print("PEAK " + json.dumps(tf.config.experimental.get_memory_info("CPU:0")["peak
 '''
 
 
+@pytest.mark.slow  # three fresh processes a mode, about a minute: CI runs it with the slow set
 @pytest.mark.parametrize("mode", ["static", "none_sizes"])
 def test_default_whole_step_peaks_no_higher_than_tf_nn(mode):
     if _fused.accelerator_visible():
