@@ -132,6 +132,8 @@ def _function_of(obj, kind):
 
 
 def _docstring(obj, kind):
+    if isinstance(obj, (classmethod, staticmethod)):
+        obj = obj.__func__  # Python 3.9's classmethod does not carry its function's docstring
     raw = obj.__doc__ if kind != "property" else obj.fget.__doc__ or obj.__doc__
     return inspect.cleandoc(raw) if raw else ""
 
