@@ -378,7 +378,9 @@ def _as_args(smoothing):
 def _op_by_op_scatter():
     """The `scatter` of `_gradient` for plain ops: in place on CPU-only machines outside XLA (where XLA
     updates its buffer in place itself); elsewhere the scatter, whose kernels every device has."""
-    if in_xla_compilation():
+    # `unknown=True`: where this TensorFlow cannot tell whether XLA compiles the graph, the scatter, since
+    # `InplaceSub` has no XLA kernel (a graph that held it would not compile).
+    if in_xla_compilation(unknown=True):
         return True
     return True if accelerator_visible() else "in_place"
 
