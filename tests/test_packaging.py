@@ -136,10 +136,15 @@ def test_every_readme_link_works_on_a_package_index():
 def test_ci_runs_the_release_check_and_a_short_run_on_the_oldest_combination():
     text = (ROOT / ".ci" / "run").read_text().replace("\\\n", " ")
     steps = [" ".join(line.split()) for line in text.splitlines() if line.startswith("bash ")]
-    assert all(step.endswith(" || status=1") for step in steps), steps  # every step runs; any failure counts
-    assert "bash scripts/check_release.sh || status=1" in steps
+    # Every step runs, and any failure counts: in the foreground through `|| status=1`, in the background
+    # through its `wait`.
+    background = [step for step in steps if step.endswith(" &")]
+    assert all(step.endswith(" || status=1") for step in steps if step not in background), steps
+    assert len(re.findall(r'^wait "\$\w+" \|\| \{ status=1;', text, re.M)) == len(background) == 2
+    assert any(step.startswith("bash scripts/check_release.sh") for step in steps)
     oldest = [step for step in steps if step.startswith("bash scripts/test_versions.sh oldest ")]
     assert len(oldest) == 1
     for selected in ("tests/test_sequence_loss.py", "tests/test_keras_loss.py", "tests/test_keras_distribute.py"):
         assert f" {selected} " in oldest[0], selected
+    assert "bash scripts/test.sh || status=1" in steps and "bash scripts/test.sh -m slow || status=1" in steps
     assert text.rstrip().endswith('exit "$status"')
