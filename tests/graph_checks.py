@@ -1,4 +1,4 @@
-"""Helpers that show a traced computation is GPU-ready on a CPU-only machine."""
+"""Helpers that inspect traced computations: GPU-ready on a CPU-only machine, left alone by AutoGraph."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 from unittest import mock
 
 import tensorflow as tf
+from tensorflow.python.autograph.impl import api as autograph_api
 from tensorflow.python.framework import kernels
 
 # Devices whose kernels can run an op placed on a GPU: the GPU's own, and device-agnostic kernels
@@ -67,3 +68,22 @@ def on_a_machine(gpu: bool):
         devices.append(tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU"))
     with mock.patch.object(tf.config, "list_physical_devices", return_value=devices):
         yield
+
+
+@contextlib.contextmanager
+def converted_library_functions():
+    """Yields a list that collects the `tf_seqloss` functions AutoGraph converts inside the block."""
+    converted = []
+    convert = autograph_api._convert_actual
+
+    def recording(entity, program_ctx):
+        module = getattr(entity, "__module__", None) or ""
+        if module.split(".")[0] == "tf_seqloss" and not hasattr(entity, "autograph_info__"):
+            converted.append(f"{module}.{entity.__qualname__}")
+        return convert(entity, program_ctx)
+
+    autograph_api._convert_actual = recording
+    try:
+        yield converted
+    finally:
+        autograph_api._convert_actual = convert

@@ -1,9 +1,10 @@
 """The private TensorFlow and Keras names the package reads, each taken away: results stay exact.
 
-`tf_seqloss` imports four names that no public API offers (README, "Why `SequenceLoss` overrides
-`Loss.__call__`"): how to tell an XLA compilation while tracing, XLA's in-place slice update, whether a
-tape could record, and Keras 3's mask accessor. A later TensorFlow or Keras may move any of them. Here
-each import fails as it then would, and every result is compared with NumPy float64 (`tests/reference.py`).
+`tf_seqloss` imports five names that no public API offers (docs/getting-started.md, "Why `SequenceLoss`
+overrides `Loss.__call__`"): how to tell an XLA compilation while tracing, XLA's in-place slice update,
+whether a tape could record, Keras 3's mask accessor, and TensorFlow's decorator record (AutoGraph). A
+later TensorFlow or Keras may move any of them. Here each import fails as it then would, and every result
+is compared with NumPy float64 (`tests/reference.py`).
 """
 
 import numpy as np
@@ -29,7 +30,8 @@ from tensorflow.python.eager import record
 from tensorflow.python.ops import control_flow_util
 
 names = [(tf.__internal__, "get_enclosing_xla_context"), (control_flow_util, "GraphOrParentsInXlaContext"),
-         (xla, "dynamic_update_slice"), (record, "could_possibly_record")]
+         (xla, "dynamic_update_slice"), (record, "could_possibly_record"),
+         (tf.__internal__.decorator, "make_decorator")]
 legacy = tf.keras.losses.Loss.__module__.startswith("tf_keras")
 if not legacy:
     import keras.src.backend
@@ -44,7 +46,8 @@ for module, name, value in saved:
 
 fallbacks = dict(xla_detector=getattr(_fused, "_xla_detector", "?") is None,
                  dynamic_update_slice=getattr(_linear_head, "_dynamic_update_slice", "?") is None,
-                 could_record=_linear_head._could_record is None)
+                 could_record=_linear_head._could_record is None,
+                 make_decorator=_keras._make_decorator is None)
 if not legacy:
     fallbacks["keras_mask"] = _keras._get_keras_mask is None
 data = np.load(__import__("sys").argv[1])
@@ -111,6 +114,7 @@ def test_every_private_import_failing_leaves_xla_results_and_masks_exact(tmp_pat
     script = WITHOUT_PRIVATE_APIS.replace('__import__("sys").argv[1]', repr(str(tmp_path / "case.npz")))
     out = run_script(script, marker="RESULT", timeout=600)
     assert out.pop("fallbacks") == dict(xla_detector=True, dynamic_update_slice=True, could_record=True,
+                                        make_decorator=True,
                                         **({"keras_mask": True} if _keras.IS_KERAS_3 else {}))
 
     weights = case["mask"].astype(np.float64)

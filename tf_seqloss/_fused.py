@@ -475,8 +475,8 @@ def _compiled_backward(logits, labels, shift, log_sum_exp, upstream, smoothing, 
 
 # One XLA kernel each; `reduce_retracing` makes the second input shape trace a shape-generic function,
 # which XLA then compiles once per concrete shape.
-_forward_kernel = tf.function(_compiled_forward, jit_compile=True, reduce_retracing=True)
-_backward_kernel = tf.function(_compiled_backward, jit_compile=True, reduce_retracing=True)
+_forward_kernel = tf.function(_compiled_forward, jit_compile=True, reduce_retracing=True, autograph=False)
+_backward_kernel = tf.function(_compiled_backward, jit_compile=True, reduce_retracing=True, autograph=False)
 
 
 def _compiled_xent(logits, labels, smoothing, active):

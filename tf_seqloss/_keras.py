@@ -24,11 +24,29 @@ keras: Any = _keras_module()  # a module either way; Any, as neither ships type 
 IS_KERAS_3 = not keras.__version__.startswith("2.")
 FLAVOUR = "keras3" if IS_KERAS_3 else "tf_keras"
 
+# Wraps a function keeping the record `tf_inspect` reads its signature through. `tf.__internal__` is the
+# namespace TensorFlow keeps for Keras, not a public API: without it, see `not_converted`.
+_make_decorator = getattr(getattr(getattr(tf, "__internal__", None), "decorator", None), "make_decorator", None)
+
 try:  # Keras 3 keeps a mask on the tensor when it can, and in a side table for tensors that refuse attributes;
     # this private accessor reads both. Without it, see `get_mask`.
     from keras.src.backend import get_keras_mask as _get_keras_mask
 except ImportError:  # tf_keras, or a Keras 3 that moved it
     _get_keras_mask = None
+
+def not_converted(method):
+    """`tf.autograph.experimental.do_not_convert` for a method Keras calls, keeping its signature readable.
+
+    AutoGraph converts the library code a `tf.function` (`fit`'s included) reaches, unless told not to:
+    seconds of tracing per entry point, for code that has no Python control flow on tensors. tf_keras reads
+    `call`'s and `update_state`'s arguments through TensorFlow's decorator record, which the plain
+    `do_not_convert` wrapper (`*args, **kwargs`) does not leave; without that record (`_make_decorator`,
+    the name TensorFlow keeps for Keras, gone) the method is left as it is: converted, the same graph.
+    """
+    if _make_decorator is None:
+        return method
+    return _make_decorator(method, tf.autograph.experimental.do_not_convert(method))
+
 
 # Reductions that average what the flags leave unreduced, and whose result Keras 3 divides by the number of
 # replicas under `tf.distribute` (tf_keras' `compile` divides itself).
@@ -75,6 +93,7 @@ class _MaskReader(keras.layers.Layer):
         self.supports_masking = True
         self.received = []
 
+    @not_converted
     def call(self, inputs, mask=None):
         self.received.append(mask)
         return inputs

@@ -58,6 +58,7 @@ class SequenceMask(keras.layers.Layer):
         self.maxlen = _check_maxlen(maxlen)
         self.output_dtype = _check_mask_dtype(output_dtype)
 
+    @_keras.not_converted
     def call(self, lengths: Any, reference: Any = None) -> tf.Tensor:
         """Returns the `[batch, time]` mask of `lengths`, in `output_dtype`.
 
@@ -234,6 +235,7 @@ class SequenceLossLayer(keras.layers.Layer):
         """How a non-scalar loss is reduced before `add_loss` (read-only, as the options)."""
         return self._sequence_loss.reduction
 
+    @_keras.not_converted
     def call(self, logits, targets, weights=None, lengths=None, mask=None):
         """Adds the sequence loss of `logits` against `targets` to the layer's losses; returns `logits`.
 
@@ -577,6 +579,7 @@ class FusedLinearHead(keras.layers.Layer):
                 f"{embedding.name!r} with embeddings.shape={shape}", owner="FusedLinearHead"))
         return variable
 
+    @_keras.not_converted
     def call(
         self,
         hidden: TensorLike,

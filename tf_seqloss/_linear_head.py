@@ -103,6 +103,7 @@ class TokenStats(NamedTuple):
     cross_entropy: tf.Tensor
 
 
+@tf.autograph.experimental.do_not_convert
 def linear_sequence_loss(
     hidden: TensorLike,
     kernel: TensorLike,
@@ -654,6 +655,7 @@ def _first_order_only(x, *inputs):
     return tf.identity(x), refuse
 
 
+@tf.autograph.experimental.do_not_convert
 def sampled_sequence_loss(
     hidden: TensorLike,
     kernel: TensorLike,

@@ -78,6 +78,7 @@ class _TokenMetric(keras.metrics.Metric):
         return self.add_weight(name=name, shape=(), initializer="zeros", dtype=self.dtype,
                                aggregation=tf.VariableAggregation.SUM)
 
+    @_keras.not_converted
     def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
         """Adds a batch: `y_true` `[batch, time]` ids (or probabilities), `y_pred` `[batch, time, classes]` logits.
 
@@ -120,6 +121,7 @@ class _TokenMetric(keras.metrics.Metric):
             self._unmarked_padding.check(tokens.targets)
             self._unmarked_padding.warn_if_seen(self)
 
+    @_keras.not_converted
     def update_from_token_stats(self, stats: "_linear_head.TokenStats") -> None:
         """Adds a batch trained through a fused head: a `TokenStats` from `linear_sequence_loss`.
 
@@ -186,6 +188,7 @@ class _TokenMetric(keras.metrics.Metric):
                 "`update_from_token_stats`)",
                 f"a tensor of shape {tuple(tokens.logits.shape)}", owner=f"{type(self).__name__}.update_state"))
 
+    @_keras.not_converted
     def reset_state(self) -> None:
         """Sets the running sums to 0, as Keras does at the start of every epoch and of `evaluate`."""
         self._unmarked_padding.warn_if_seen(self)  # Keras resets eagerly before an epoch and `evaluate`.
@@ -244,6 +247,7 @@ class TokenPerplexity(_TokenMetric):
         # Padded tokens hold 0, real tokens with a bad id NaN (which the weight must not hide).
         return weights * tf.cast(stats.cross_entropy, self.dtype)
 
+    @_keras.not_converted
     def result(self) -> tf.Tensor:
         """Returns the token perplexity since the last reset.
 
@@ -308,6 +312,7 @@ class TokenAccuracy(_TokenMetric):
         invalid = tf.math.is_nan(tf.cast(stats.cross_entropy, self.dtype))
         return tf.where(invalid, tf.constant(float("nan"), self.dtype), weights * correct)
 
+    @_keras.not_converted
     def result(self) -> tf.Tensor:
         """Returns the token accuracy since the last reset.
 

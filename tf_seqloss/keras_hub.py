@@ -176,6 +176,7 @@ class _FusedTrainer:
         perplexity.update_from_token_stats(stats)
         return self.get_metrics_result(None)
 
+    @tf.autograph.experimental.do_not_convert
     def train_step(self, model: Any, data: Any) -> Dict[str, tf.Tensor]:
         keras = _keras_hub_keras()
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -191,6 +192,7 @@ class _FusedTrainer:
         model.optimizer.apply_gradients(zip(gradients, weights))
         return self._log(loss, stats)
 
+    @tf.autograph.experimental.do_not_convert
     def test_step(self, model: Any, data: Any) -> Dict[str, tf.Tensor]:
         keras = _keras_hub_keras()
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)

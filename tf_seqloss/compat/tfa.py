@@ -28,6 +28,7 @@ from tensorflow.types.experimental import TensorLike
 
 import tf_seqloss
 from tf_seqloss._keras import keras as _keras
+from tf_seqloss._keras import not_converted
 
 __all__ = ["SequenceLoss", "sequence_loss"]
 
@@ -246,6 +247,7 @@ class SequenceLoss(_keras.losses.Loss):
         )
 
     @tf.autograph.experimental.do_not_convert
+    @not_converted
     def call(self, y_true: TensorLike, y_pred: TensorLike) -> tf.Tensor:
         """Returns the loss without sample weights (all ones), reduced by the flags.
 
