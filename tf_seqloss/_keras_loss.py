@@ -305,10 +305,11 @@ class SequenceLoss(keras.losses.Loss):
                 y_pred, options = softmax_input, dataclasses.replace(options, from_logits=True)
         logits = y_pred if isinstance(y_pred, tf.RaggedTensor) else tf.convert_to_tensor(y_pred)
         dtype = tf.as_dtype(self._loss_dtype)
-        # Half-precision logits under a half-precision `dtype` go in as they are (computed in float32 inside
-        # the kernel); any other mismatch is cast to the returned dtype, float32 for a half `dtype`.
-        half = (tf.float16, tf.bfloat16)
-        if logits.dtype.is_floating and logits.dtype != dtype and not (dtype in half and logits.dtype in half):
+        # Logits whose computation dtype is the returned dtype's go in as they are: half-precision logits are
+        # computed in float32 inside (under a mixed-precision policy a float32 copy beside them cost a third
+        # more memory in `fit`, benchmarks/README.md, "Whole training steps"). Any other mismatch is cast to
+        # the returned dtype, float32 for a half `dtype`.
+        if logits.dtype.is_floating and _checks.compute_dtype(logits.dtype) != _checks.compute_dtype(dtype):
             logits = tf.cast(logits, self.dtype)
         return compute_sequence_loss(
             logits, standardize_targets(y_true, logits), options, sample_weight=sample_weight, lengths=lengths,
