@@ -59,9 +59,19 @@ def _gemma():
     return keras_hub.models.GemmaCausalLM(backbone, preprocessor=None)
 
 
-@pytest.mark.parametrize("task", ["gpt2", "gemma", "gemma_soft_capped"])
+def _llama_untied():
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.LlamaBackbone(vocabulary_size=VOCAB, num_layers=1, num_query_heads=2, hidden_dim=8,
+                                              intermediate_dim=16, num_key_value_heads=1, tie_word_embeddings=False)
+    return keras_hub.models.LlamaCausalLM(backbone, preprocessor=None)
+
+
+@pytest.mark.parametrize("task", ["gpt2", "gemma", "gemma_soft_capped", "llama_untied"])
 def test_loss_and_gradients_equal_the_materialised_model(task):
-    causal_lm = keras_hub.models.GPT2CausalLM(_backbone(), preprocessor=None) if task == "gpt2" else _gemma()
+    tasks = dict(gpt2=lambda: keras_hub.models.GPT2CausalLM(_backbone(), preprocessor=None), llama_untied=_llama_untied)
+    causal_lm = tasks.get(task, _gemma)()
+    if task == "llama_untied":   # the output projection is `reverse_embeddings`, a variable of its own
+        assert not causal_lm.backbone.token_embedding.tie_weights
     if task == "gemma_soft_capped":
         # Gemma 2's cap, small enough to bend these tiny logits: the materialised reference caps them too.
         causal_lm.backbone.token_embedding.logit_soft_cap = 0.05
@@ -127,6 +137,7 @@ def _preprocessor():
     return keras_hub.models.GPT2CausalLMPreprocessor(tokenizer=tokenizer, sequence_length=TIME)
 
 
+@pytest.mark.slow  # 20 s (three fits and a save/load): with the slow set, where CI has a core to spare
 def test_the_preprocessor_feeds_fit_and_generate_and_the_keras_file_keeps_the_tie():
     causal_lm = keras_hub.models.GPT2CausalLM(_backbone(2), preprocessor=_preprocessor())
     causal_lm = fused_hub.fused_causal_lm(causal_lm)
@@ -155,6 +166,90 @@ def test_the_preprocessor_feeds_fit_and_generate_and_the_keras_file_keeps_the_ti
     hidden = keras.ops.convert_to_numpy(loaded.backbone(x))
     np.testing.assert_allclose(logits, hidden @ after.T, rtol=1e-4, atol=1e-5)
     assert not np.allclose(before, after)
+
+
+def test_under_mixed_bfloat16_the_fused_loss_is_float32_and_matches_the_tasks_own_logits():
+    """The policy's bfloat16 states and embedding: the fused loop reduces in float32 from the rounded values."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        causal_lm = fused_hub.fused_causal_lm(keras_hub.models.GPT2CausalLM(_backbone(5), preprocessor=None))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    x, y, weights = _batch(5)
+    variables = causal_lm.trainable_weights
+    with tf.GradientTape() as tape:
+        loss, _ = fused_hub._FusedTrainer(LossOptions(), None).loss(causal_lm, x, y, weights, training=True)
+    grads = tape.gradient(loss, variables)
+    assert loss.dtype == tf.float32
+    assert all(g is not None and tf.convert_to_tensor(g).dtype == v.dtype == "float32"
+               for g, v in zip(grads, variables))
+    expected, _ = _reference(causal_lm, x, y, weights)   # the task's own bfloat16 logits, in float64
+    np.testing.assert_allclose(float(loss), expected, rtol=2e-2)
+
+
+def _bart():
+    keras.utils.set_random_seed(3)
+    backbone = keras_hub.models.BartBackbone(vocabulary_size=VOCAB, num_layers=1, num_heads=2, hidden_dim=8,
+                                             intermediate_dim=16, max_sequence_length=16, dropout=0.0)
+    return keras_hub.models.BartSeq2SeqLM(backbone, preprocessor=None)
+
+
+def _bart_batch(seed=3, batch=4):
+    rng = np.random.default_rng(seed)
+    source_lengths = rng.integers(2, TIME + 1, size=batch)
+    source = np.arange(TIME) < source_lengths[:, None]
+    decoder_x, y, weights = _batch(seed, batch)
+    x = {"encoder_token_ids": (rng.integers(3, VOCAB, size=source.shape) * source).astype("int32"),
+         "encoder_padding_mask": source.astype("int32"),
+         "decoder_token_ids": decoder_x["token_ids"], "decoder_padding_mask": decoder_x["padding_mask"].astype("int32")}
+    return x, y, weights
+
+
+def test_a_bart_seq2seq_lm_trains_fused_exactly_and_still_generates_and_saves():
+    """keras-hub's `Seq2SeqLM` is a `CausalLM`: BART's logits are the tied embedding over the decoder's states."""
+    seq2seq = fused_hub.fused_causal_lm(_bart(), chunk_size=4)
+    x, y, weights = _bart_batch()
+    variables = seq2seq.trainable_weights
+    with tf.GradientTape() as tape:
+        loss, _ = fused_hub._FusedTrainer(LossOptions(), 4).loss(seq2seq, x, y, weights, training=True)
+    fused_grads = tape.gradient(loss, variables)
+    expected, logits = _reference(seq2seq, x, y, weights)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    with tf.GradientTape() as tape:  # TensorFlow's gradient of the token mean of the task's own logits
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=seq2seq(x, training=True))
+        mean = tf.reduce_sum(weights * ce) / tf.reduce_sum(weights)
+    for variable, fused, want in zip(variables, fused_grads, tape.gradient(mean, variables)):
+        np.testing.assert_allclose(tf.convert_to_tensor(fused).numpy(), tf.convert_to_tensor(want).numpy(),
+                                   rtol=1e-4, atol=1e-6, err_msg=variable.path)
+
+    seq2seq.compile(optimizer=keras.optimizers.SGD(0.0), sampler="greedy", jit_compile=False)
+    history = seq2seq.fit(x, y, sample_weight=weights, batch_size=4, epochs=1, verbose=0)
+    mask = weights > 0
+    np.testing.assert_allclose(history.history["loss"][0], expected, rtol=1e-5)
+    np.testing.assert_allclose(history.history["token_accuracy"][0], (logits.argmax(-1) == y)[mask].mean(),
+                               rtol=1e-6)
+    prompt = {"encoder_token_ids": x["encoder_token_ids"][:1], "encoder_padding_mask": x["encoder_padding_mask"][:1],
+              "decoder_token_ids": np.array([[5, 9, 0, 0]], "int32"),
+              "decoder_padding_mask": np.array([[1, 1, 0, 0]], "int32")}
+    out = seq2seq.generate(prompt, stop_token_ids=None)
+    assert out["decoder_token_ids"].shape == (1, 4) and list(out["decoder_token_ids"][0, :2]) == [5, 9]
+
+    path = os.path.join(tempfile.mkdtemp(), "seq2seq.keras")
+    seq2seq.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded) is keras_hub.models.BartSeq2SeqLM
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(seq2seq(x)))
+
+
+def test_a_seq2seq_lm_whose_logits_are_not_the_embedding_over_the_decoder_states_is_refused():
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.T5Backbone(vocabulary_size=VOCAB, num_layers=1, num_heads=2, hidden_dim=8,
+                                           intermediate_dim=16, key_value_dim=4, dropout=0.0)
+    t5 = keras_hub.models.T5Seq2SeqLM(backbone, preprocessor=None)   # rescales the decoder's states when tied
+    with pytest.raises(TypeError, match=r"`causal_lm` of `fused_causal_lm`.*BartSeq2SeqLM.*T5Seq2SeqLM"):
+        fused_hub.fused_causal_lm(t5)
+    assert t5.train_step.__func__ is type(t5).train_step   # left as it was
 
 
 def test_refusals_name_the_argument():

@@ -7,7 +7,8 @@ training step. `fused_causal_lm(causal_lm)` returns the same task object, traine
 backbone's hidden states and the fused loss, gradients included, without ever forming the logits. Everything
 else is the task's own: `generate()`, `predict()`, `score()`, the preprocessor (string inputs to `fit`),
 the tied embedding, and saving. An embedding that soft-caps its logits (`logit_soft_cap`, Gemma 2)
-is followed: the fused loss is that of the capped logits.
+is followed: the fused loss is that of the capped logits. keras-hub's `Seq2SeqLM` is a `CausalLM` too:
+`BartSeq2SeqLM`, whose logits are the same embedding reversed over the decoder's states, trains alike.
 
 ```python
 causal_lm = keras_hub.models.GPT2CausalLM.from_preset("gpt2_base_en")
@@ -87,7 +88,8 @@ def fused_causal_lm(
 
     Args:
         causal_lm: a `keras_hub.models.CausalLM` whose backbone has a `ReversibleEmbedding` as
-            `token_embedding` (GPT-2, Gemma, Llama, Mistral, ...), tied or not.
+            `token_embedding` (GPT-2, Gemma, Llama, Mistral, ...), tied or not; or a `BartSeq2SeqLM`
+            (keras-hub's `Seq2SeqLM` is a `CausalLM`): the loss is then that of the decoder's states.
         chunk_size: keyword-only; as in `tf_seqloss.linear_sequence_loss`.
         z_loss: keyword-only; as in `tf_seqloss.linear_sequence_loss`.
         label_smoothing: keyword-only; as in `tf_seqloss.linear_sequence_loss`.
@@ -99,7 +101,9 @@ def fused_causal_lm(
 
     Raises:
         ImportError: keras-hub is not installed.
-        TypeError: `causal_lm` is not a keras-hub `CausalLM` with a `ReversibleEmbedding`.
+        TypeError: `causal_lm` is not a keras-hub `CausalLM` with a `ReversibleEmbedding`, or is a
+            `Seq2SeqLM` other than `BartSeq2SeqLM` (T5 rescales the decoder's states before its output
+            embedding, T5Gemma has an output embedding of its own: the fused loss would not be theirs).
         ValueError: a bad option, as in `linear_sequence_loss`.
     """
     keras_hub = _keras_hub()
@@ -109,6 +113,15 @@ def fused_causal_lm(
     if not isinstance(causal_lm, keras_hub.models.CausalLM):
         raise TypeError(_checks.invalid_value("causal_lm", "a `keras_hub.models.CausalLM`",
                                               type(causal_lm).__name__, owner="fused_causal_lm"))
+    # keras-hub's Seq2SeqLM is a CausalLM whose backbone returns the encoder's and the decoder's states.
+    # Only tasks whose logits are the token embedding reversed over the decoder's states, unchanged, are
+    # trained here: T5 rescales those states when tied, T5Gemma has a decoder embedding of its own.
+    if isinstance(causal_lm, keras_hub.models.Seq2SeqLM) and not isinstance(
+            causal_lm, keras_hub.models.BartSeq2SeqLM):
+        raise TypeError(_checks.invalid_value(
+            "causal_lm", "a `CausalLM`, or a `Seq2SeqLM` whose logits are `backbone.token_embedding` reversed "
+            "over the decoder's states as they are (`BartSeq2SeqLM`)", type(causal_lm).__name__,
+            owner="fused_causal_lm"))
     embedding = getattr(getattr(causal_lm, "backbone", None), "token_embedding", None)
     if not hasattr(embedding, "tie_weights") or not hasattr(embedding, "logit_soft_cap"):
         raise TypeError(_checks.invalid_value(
@@ -148,6 +161,8 @@ class _FusedTrainer:
     def loss(self, model: Any, x: Any, y: Any, sample_weight: Any, training: bool) -> Tuple[tf.Tensor, Any]:
         """Returns `(loss, stats)` of a batch: the fused loss of the backbone's hidden states."""
         hidden = model.backbone(x, training=training)
+        if isinstance(hidden, dict):  # a Seq2SeqLM (BART): the output embedding reads the decoder's states
+            hidden = hidden["decoder_sequence_output"]
         embedding = model.backbone.token_embedding
         kernel, transposed = output_kernel(model)
         if embedding.reverse_dtype is not None:
