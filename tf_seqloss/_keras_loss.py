@@ -98,9 +98,10 @@ class SequenceLoss(keras.losses.Loss):
             `"mean_with_sample_weight"`; tf_keras also `"auto"`).
         name: keyword-only. The loss's name.
         dtype: keyword-only. The dtype the loss is computed and returned in (a dtype name or a Keras
-            dtype policy); `None` means `keras.backend.floatx()`. Logits are cast to it, except that a
-            half-precision dtype (e.g. the compute dtype of `"mixed_float16"`) computes in float32, as
-            `sequence_loss` does. tf_keras' `Loss` has no `dtype`; this class accepts it there too.
+            dtype policy); `None` means `keras.backend.floatx()`. Logits are cast to it, except where
+            they are computed in it anyway: half-precision logits and a half-precision or float32 dtype
+            (e.g. a `"mixed_bfloat16"` model's logits) compute in float32, as `sequence_loss` does, without
+            a float32 copy. tf_keras' `Loss` has no `dtype`; this class accepts it there too.
 
     Returns:
         A scalar loss (or the shape the flags and `reduction="none"` leave) in `dtype`, float32 by
