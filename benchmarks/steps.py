@@ -15,7 +15,10 @@ the masked mean cross-entropy over uneven sequence lengths, and the gradients of
 - `keras`: `SparseCategoricalCrossentropy(from_logits=True, reduction="sum")` with the mask as
   `sample_weight`, over the mask's sum (in `fit`: the default reduction);
 - `linear`: `tf_seqloss.linear_sequence_loss(hidden, kernel, targets, lengths=lengths)`, the fused head
-  (not in `fit`).
+  (not in `fit`);
+- `fused_xla` (only when asked for with `--entries`): `sequence_loss(..., implementation="fused_xla")`,
+  the option that buys speed with static sizes for one more logits-sized buffer (in `fit`, `SequenceLoss`
+  with that implementation).
 
 Modes: `function` (a `tf.function` with `None` batch and time sizes), `static` (a `tf.function` traced for
 the concrete shape), `xla` (`jit_compile=True`), `fit` (`Dense(classes, use_bias=False)` on the features
@@ -46,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # time this che
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ENTRIES = ("default", "tf.nn", "keras", "linear")
+OPTIONAL_ENTRIES = ("fused_xla",)
 MODES = ("function", "static", "xla", "fit")
 PEERS = ("tf.nn", "keras")
 
@@ -101,8 +105,9 @@ def run_custom(entry, mode, classes, args):
                                                        lengths=lengths)
             else:
                 logits = tf.matmul(tf.cast(hidden, dtype), tf.cast(kernel, dtype))
-                if entry == "default":
-                    loss = tf_seqloss.sequence_loss(logits, targets, lengths=lengths)
+                if entry in ("default", "fused_xla"):
+                    implementation = "auto" if entry == "default" else entry
+                    loss = tf_seqloss.sequence_loss(logits, targets, lengths=lengths, implementation=implementation)
                 else:
                     mask = tf.sequence_mask(lengths, tf.shape(targets)[1], dtype=tf.float32)
                     loss = _masked_mean(entry, logits, targets, mask)
@@ -155,8 +160,8 @@ def run_fit(entry, classes, args):
 
     if args.dtype != "float32":
         tf.keras.mixed_precision.set_global_policy("mixed_" + args.dtype)
-    if entry == "default":
-        loss = tf_seqloss.SequenceLoss()
+    if entry in ("default", "fused_xla"):
+        loss = tf_seqloss.SequenceLoss(implementation="auto" if entry == "default" else entry)
     elif entry == "keras":
         loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     elif entry == "tf.nn":
@@ -273,7 +278,7 @@ def plot(rows, path):
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     fig, axes = plt.subplots(2, len(modes), figsize=(4.2 * len(modes), 7), squeeze=False)
     for column, mode in enumerate(modes):
-        for entry, color in zip(ENTRIES, ("C0", "C1", "C2", "C3")):
+        for entry, color in zip(ENTRIES + OPTIONAL_ENTRIES, ("C0", "C1", "C2", "C3", "C4")):
             points = sorted((r["classes"], r) for r in rows
                             if r["entry"] == entry and r["mode"] == mode and "error" not in r)
             if not points:
