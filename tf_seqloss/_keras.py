@@ -34,6 +34,7 @@ try:  # Keras 3 keeps a mask on the tensor when it can, and in a side table for 
 except ImportError:  # tf_keras, or a Keras 3 that moved it
     _get_keras_mask = None
 
+
 def not_converted(method):
     """`tf.autograph.experimental.do_not_convert` for a method Keras calls, keeping its signature readable.
 

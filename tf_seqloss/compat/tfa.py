@@ -246,7 +246,6 @@ class SequenceLoss(_keras.losses.Loss):
             name=self.name,
         )
 
-    @tf.autograph.experimental.do_not_convert
     @not_converted
     def call(self, y_true: TensorLike, y_pred: TensorLike) -> tf.Tensor:
         """Returns the loss without sample weights (all ones), reduced by the flags.
