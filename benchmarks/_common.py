@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -41,3 +43,25 @@ def write_results(out, meta: dict, rows: list, markdown, plot, stem: str = "resu
     print(table)
     print(f"Wrote {out / f'{stem}.md'}, {out / f'{stem}.json'} and {out / plot_name}.")
     return table
+
+
+def print_entry(row: dict, measure) -> None:
+    """In an entry's own process: prints `row` with `measure()`'s figures (or the error that stopped it) and
+    the load average, on the `RESULT ` line `run_in_own_process` reads."""
+    try:
+        row.update(measure())
+    except Exception as error:  # reported (e.g. out of memory), not fatal to the sweep
+        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    row["load"] = load_average()
+    print("RESULT " + json.dumps(row))
+
+
+def run_in_own_process(script, entry: str, fields: dict, passthrough, **run_kwargs) -> dict:
+    """Runs `script --entry ENTRY *passthrough` in a fresh interpreter and returns the row it printed, or
+    `fields` with the exit status and the end of its stderr when it printed none; prints the row too."""
+    out = subprocess.run([sys.executable, str(script), "--entry", entry, *passthrough], capture_output=True,
+                         text=True, **run_kwargs)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    row = json.loads(lines[-1][7:]) if lines else dict(fields, error=f"exit {out.returncode}: {out.stderr[-300:]}")
+    print(json.dumps(row), flush=True)
+    return row

@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _common import load_average, write_results  # benchmarks/ is on the path of a script run from here
+# benchmarks/ is on the path of a script run from here
+from _common import load_average, run_in_own_process, write_results
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -117,13 +117,8 @@ def main(argv=None):
     for classes in [int(c) for c in args.classes.split(",") if c]:
         for mode in args.modes.split(","):
             for entry in args.entries.split(","):
-                out = subprocess.run([sys.executable, __file__, "--entry", f"{entry},{mode},{classes}", *passthrough],
-                                     capture_output=True, text=True)
-                lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-                row = json.loads(lines[-1][7:]) if lines else dict(
-                    entry=entry, mode=mode, classes=classes, error=f"exit {out.returncode}: {out.stderr[-300:]}")
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                rows.append(run_in_own_process(__file__, f"{entry},{mode},{classes}",
+                                              dict(entry=entry, mode=mode, classes=classes), passthrough))
     by_key = {(r["classes"], r["mode"], r["entry"]): r for r in rows}
     for row in rows:
         other = by_key.get((row["classes"], row["mode"], "materialised"))

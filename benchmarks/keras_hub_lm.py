@@ -30,14 +30,13 @@ first. `× default` divides the fused route's figures by the default route's in 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _common import load_average, machine, write_results  # benchmarks/ is on the path of a script run from here
+# benchmarks/ is on the path of a script run from here
+from _common import load_average, machine, print_entry, run_in_own_process, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTES = ("default", "fused")
@@ -89,10 +88,11 @@ def _train_without_a_head(causal_lm):
     import keras
     import tensorflow as tf
 
+    from tf_seqloss.keras_hub import output_kernel
+
     def train_step(data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        embedding = causal_lm.backbone.token_embedding
-        kernel = embedding.embeddings if embedding.tie_weights else embedding.reverse_embeddings
+        kernel, _ = output_kernel(causal_lm)
         with tf.GradientTape() as tape:
             hidden = causal_lm.backbone(x, training=True)
             loss = tf.reduce_mean(tf.cast(hidden, "float32")) + 0.0 * tf.reduce_sum(tf.cast(kernel, "float32"))
@@ -106,7 +106,7 @@ def _train_without_a_head(causal_lm):
     causal_lm.train_function = None
 
 
-def run_entry(route: str, mode: str, dtype: str, model: str, args) -> dict:
+def measure_entry(route: str, mode: str, dtype: str, model: str, args) -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
@@ -154,13 +154,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.entry:
         route, mode, dtype, model = args.entry.split(",")
-        row = dict(route=route, mode=mode, dtype=dtype, model=model)
-        try:
-            row.update(run_entry(route, mode, dtype, model, args))
-        except Exception as error:  # reported (e.g. out of memory), not fatal to the sweep
-            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
-        row["load"] = load_average()
-        print("RESULT " + json.dumps(row))
+        print_entry(dict(route=route, mode=mode, dtype=dtype, model=model),
+                    lambda: measure_entry(route, mode, dtype, model, args))
         return
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("TF_USE_LEGACY_KERAS", None)  # keras-hub runs on Keras 3
@@ -173,14 +168,9 @@ def main(argv=None):
         for dtype in args.dtypes.split(","):
             for mode in args.modes.split(","):
                 for route in args.routes.split(","):
-                    out = subprocess.run([sys.executable, __file__, "--entry", f"{route},{mode},{dtype},{model}",
-                                          *passthrough], capture_output=True, text=True, env=env, cwd=ROOT)
-                    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-                    row = json.loads(lines[-1][7:]) if lines else dict(
-                        route=route, mode=mode, dtype=dtype, model=model,
-                        error=f"exit {out.returncode}: {out.stderr[-300:]}")
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
+                    rows.append(run_in_own_process(__file__, f"{route},{mode},{dtype},{model}",
+                                          dict(route=route, mode=mode, dtype=dtype, model=model), passthrough,
+                                          env=env, cwd=ROOT))
     for row in rows:
         base = next((r for r in rows if r["route"] == "default" and "error" not in r
                      and all(r[k] == row[k] for k in ("mode", "dtype", "model"))), None)

@@ -35,14 +35,13 @@ the same mode and invocation (peak: the lower; time: the faster total).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _common import load_average, machine, write_results  # benchmarks/ is on the path of a script run from here
+# benchmarks/ is on the path of a script run from here
+from _common import load_average, machine, print_entry, run_in_own_process, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # time this checkout's tf_seqloss
 
@@ -201,14 +200,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.entry:
         entry, mode, classes = args.entry.split(",")
-        row = dict(entry=entry, mode=mode, classes=int(classes), dtype=args.dtype)
-        try:
-            row.update(run_fit(entry, int(classes), args) if mode == "fit" else
-                       run_custom(entry, mode, int(classes), args))
-        except Exception as error:  # reported (e.g. out of memory), not fatal to the sweep
-            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
-        row["load"] = load_average()
-        print("RESULT " + json.dumps(row))
+        print_entry(dict(entry=entry, mode=mode, classes=int(classes), dtype=args.dtype),
+                    lambda: run_fit(entry, int(classes), args) if mode == "fit" else
+                    run_custom(entry, mode, int(classes), args))
         return
     load_before = load_average()
     passthrough = ["--batch", str(args.batch), "--time", str(args.time), "--features", str(args.features),
@@ -219,13 +213,8 @@ def main(argv=None):
             for entry in args.entries.split(","):
                 if mode == "fit" and entry == "linear":
                     continue
-                out = subprocess.run([sys.executable, __file__, "--entry", f"{entry},{mode},{classes}",
-                                      *passthrough], capture_output=True, text=True)
-                lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-                row = json.loads(lines[-1][7:]) if lines else dict(
-                    entry=entry, mode=mode, classes=classes, error=f"exit {out.returncode}: {out.stderr[-300:]}")
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                rows.append(run_in_own_process(__file__, f"{entry},{mode},{classes}",
+                                      dict(entry=entry, mode=mode, classes=classes), passthrough))
     _add_ratios(rows)
     meta = dict(command="python benchmarks/steps.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 load_before=load_before, load_after=load_average(), **machine(), dtype=args.dtype,
