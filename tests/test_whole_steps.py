@@ -23,6 +23,9 @@ import numpy as np
 import tensorflow as tf
 import tf_seqloss
 
+# One op at a time: the peak then depends on the graph, not on how a busy machine schedules its threads.
+tf.config.threading.set_inter_op_parallelism_threads(1)
+
 entry, mode = {entry!r}, {mode!r}
 rng = np.random.default_rng(0)
 n, time_, features, classes = 4, 128, 32, 8192
@@ -57,13 +60,29 @@ print("PEAK " + json.dumps(tf.config.experimental.get_memory_info("CPU:0")["peak
 '''
 
 
+def _peaks(script, entries, within):
+    """Returns each entry's allocator peak, from a fresh process running `script(entry)`.
+
+    A peak moves by about 1 MiB (5 % here) from process to process when the machine is busy (CI runs the slow
+    sets side by side). Noise only adds to a peak, so when the first peaks are not `within` the bound, every
+    entry runs once more and its lower peak is taken as its demand."""
+    def measure():
+        return {entry: run_script(script(entry), marker="PEAK ", timeout=300) for entry in entries}
+
+    peaks = measure()
+    if not within(peaks):
+        peaks = {entry: min(first, second) for (entry, first), second in zip(peaks.items(), measure().values())}
+    return peaks
+
+
 @pytest.mark.slow  # three fresh processes a mode, about a minute: CI runs it with the slow set
 @pytest.mark.parametrize("mode", ["static", "none_sizes"])
 def test_default_whole_step_peaks_no_higher_than_tf_nn(mode):
     if _fused.accelerator_visible():
         pytest.skip("`auto` keeps the reference on a machine with an accelerator")
-    peaks = {entry: run_script(_PEAK.format(entry=entry, mode=mode), marker="PEAK ", timeout=300)
-             for entry in ("tf.nn", "auto", "fused")}
+
+    peaks = _peaks(lambda entry: _PEAK.format(entry=entry, mode=mode), ("tf.nn", "auto", "fused"),
+                   within=lambda p: max(p["auto"], p["fused"]) <= 1.05 * p["tf.nn"])
     logits_bytes = 4 * 128 * 8192 * 4
     # tf.nn's kernel writes its gradient into the logits' buffer: about one logits-sized buffer.
     assert peaks["tf.nn"] < 2 * logits_bytes, peaks
@@ -186,6 +205,7 @@ import numpy as np
 import tensorflow as tf
 import tf_seqloss
 
+tf.config.threading.set_inter_op_parallelism_threads(1)  # as in _PEAK
 tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
 classes = 8192
 loss = tf_seqloss.SequenceLoss() if {entry!r} == "default" else (
@@ -218,6 +238,6 @@ def test_fit_under_mixed_bfloat16_peaks_no_higher_than_keras():
         pytest.skip("tf_keras computes this softmax in bfloat16: not the same computation")
     if _fused.accelerator_visible():
         pytest.skip("`auto` keeps the reference on a machine with an accelerator")
-    peaks = {entry: run_script(_FIT_PEAK.format(entry=entry), marker="PEAK ", timeout=300)
-             for entry in ("keras", "default")}
+    peaks = _peaks(lambda entry: _FIT_PEAK.format(entry=entry), ("keras", "default"),
+                   within=lambda p: p["default"] <= 1.05 * p["keras"])
     assert peaks["default"] <= 1.05 * peaks["keras"], peaks
