@@ -105,8 +105,7 @@ def run_custom(entry, mode, classes, args):
             else:
                 logits = tf.matmul(tf.cast(hidden, dtype), tf.cast(kernel, dtype))
                 if entry in ("default", "fused_xla"):
-                    implementation = "auto" if entry == "default" else entry
-                    loss = tf_seqloss.sequence_loss(logits, targets, lengths=lengths, implementation=implementation)
+                    loss = tf_seqloss.sequence_loss(logits, targets, lengths=lengths, **_package_options(entry))
                 else:
                     mask = tf.sequence_mask(lengths, tf.shape(targets)[1], dtype=tf.float32)
                     loss = _masked_mean(entry, logits, targets, mask)
@@ -136,6 +135,11 @@ def run_custom(entry, mode, classes, args):
                 loss_error=abs(loss - reference) / abs(reference))
 
 
+def _package_options(entry):
+    """The package's arguments for `entry`: none at all for `default` (`"auto"`), else the implementation."""
+    return {} if entry == "default" else {"implementation": entry}
+
+
 def _reference_loss(hidden, kernel, targets, lengths, dtype):
     """The masked mean in NumPy float64 of the logits as the step makes them (rounded to `dtype`)."""
     import numpy as np
@@ -160,7 +164,7 @@ def run_fit(entry, classes, args):
     if args.dtype != "float32":
         tf.keras.mixed_precision.set_global_policy("mixed_" + args.dtype)
     if entry in ("default", "fused_xla"):
-        loss = tf_seqloss.SequenceLoss(implementation="auto" if entry == "default" else entry)
+        loss = tf_seqloss.SequenceLoss(**_package_options(entry))
     elif entry == "keras":
         loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     elif entry == "tf.nn":
