@@ -236,9 +236,26 @@ def test_a_seq2seq_lm_whose_logits_are_not_the_embedding_over_the_decoder_states
     backbone = keras_hub.models.T5Backbone(vocabulary_size=VOCAB, num_layers=1, num_heads=2, hidden_dim=8,
                                            intermediate_dim=16, key_value_dim=4, dropout=0.0)
     t5 = keras_hub.models.T5Seq2SeqLM(backbone, preprocessor=None)   # rescales the decoder's states when tied
-    with pytest.raises(TypeError, match=r"`causal_lm` of `fused_causal_lm`.*BartSeq2SeqLM.*T5Seq2SeqLM"):
+    with pytest.raises(TypeError, match=r"`causal_lm` of `fused_causal_lm`.*decoder's states.*T5Seq2SeqLM with "
+                                        r"logits [0-9.e+-]+ away from the fused head's"):
         fused_hub.fused_causal_lm(t5)
     assert t5.train_step.__func__ is type(t5).train_step   # left as it was
+
+
+@pytest.mark.parametrize("after", ["scaled", "dense"])
+def test_a_task_with_a_layer_of_its_own_after_the_backbone_is_refused(after):
+    """The task's graph, not its class, decides: a `CausalLM` whose logits pass one more layer."""
+    backbone = _backbone()
+    hidden = backbone(backbone.input)
+    if after == "scaled":   # same shape, other values: caught by the values
+        logits = keras.layers.Rescaling(0.5)(backbone.token_embedding(hidden, reverse=True))
+    else:                   # another output layer: caught by the shape
+        logits = keras.layers.Dense(VOCAB + 1)(hidden)
+    task = keras_hub.models.CausalLM(inputs=backbone.input, outputs=logits)
+    task.backbone = backbone
+    with pytest.raises(TypeError, match=r"`fused_causal_lm`.*Received: causal_lm=a CausalLM with logits"):
+        fused_hub.fused_causal_lm(task)
+    assert task.train_step.__func__ is type(task).train_step
 
 
 def test_refusals_name_the_argument():

@@ -8,7 +8,9 @@ backbone's hidden states and the fused loss, gradients included, without ever fo
 else is the task's own: `generate()`, `predict()`, `score()`, the preprocessor (string inputs to `fit`),
 the tied embedding, and saving. An embedding that soft-caps its logits (`logit_soft_cap`, Gemma 2)
 is followed: the fused loss is that of the capped logits. keras-hub's `Seq2SeqLM` is a `CausalLM` too:
-`BartSeq2SeqLM`, whose logits are the same embedding reversed over the decoder's states, trains alike.
+`BartSeq2SeqLM`, whose logits are the same embedding reversed over the decoder's states, trains alike. A
+task whose logits are anything else is refused: `fused_causal_lm` runs it once on a two-token probe batch
+and compares its logits with the fused head's.
 
 ```python
 causal_lm = keras_hub.models.GPT2CausalLM.from_preset("gpt2_base_en")
@@ -101,9 +103,10 @@ def fused_causal_lm(
 
     Raises:
         ImportError: keras-hub is not installed.
-        TypeError: `causal_lm` is not a keras-hub `CausalLM` with a `ReversibleEmbedding`, or is a
-            `Seq2SeqLM` other than `BartSeq2SeqLM` (T5 rescales the decoder's states before its output
-            embedding, T5Gemma has an output embedding of its own: the fused loss would not be theirs).
+        TypeError: `causal_lm` is not a keras-hub `CausalLM` with a `ReversibleEmbedding`, or its logits
+            are not that embedding reversed over the backbone's output, as the fused loss computes them
+            (checked on a probe batch of two tokens: T5 rescales the decoder's states before its output
+            embedding, T5Gemma has an output embedding of its own; the fused loss would not be theirs).
         ValueError: a bad option, as in `linear_sequence_loss`.
     """
     keras_hub = _keras_hub()
@@ -113,21 +116,13 @@ def fused_causal_lm(
     if not isinstance(causal_lm, keras_hub.models.CausalLM):
         raise TypeError(_checks.invalid_value("causal_lm", "a `keras_hub.models.CausalLM`",
                                               type(causal_lm).__name__, owner="fused_causal_lm"))
-    # keras-hub's Seq2SeqLM is a CausalLM whose backbone returns the encoder's and the decoder's states.
-    # Only tasks whose logits are the token embedding reversed over the decoder's states, unchanged, are
-    # trained here: T5 rescales those states when tied, T5Gemma has a decoder embedding of its own.
-    if isinstance(causal_lm, keras_hub.models.Seq2SeqLM) and not isinstance(
-            causal_lm, keras_hub.models.BartSeq2SeqLM):
-        raise TypeError(_checks.invalid_value(
-            "causal_lm", "a `CausalLM`, or a `Seq2SeqLM` whose logits are `backbone.token_embedding` reversed "
-            "over the decoder's states as they are (`BartSeq2SeqLM`)", type(causal_lm).__name__,
-            owner="fused_causal_lm"))
     embedding = getattr(getattr(causal_lm, "backbone", None), "token_embedding", None)
     if not hasattr(embedding, "tie_weights") or not hasattr(embedding, "logit_soft_cap"):
         raise TypeError(_checks.invalid_value(
             "causal_lm", "a task whose `backbone.token_embedding` is a `ReversibleEmbedding` (the output layer "
             "the fused loss replaces)", f"a {type(causal_lm).__name__} with token_embedding="
             f"{type(embedding).__name__}", owner="fused_causal_lm"))
+    _check_logits_are_the_fused_head(causal_lm)
     options = LossOptions(label_smoothing=label_smoothing, z_loss=z_loss, normalizer=normalizer,
                           allow_tensors=False)
     chunk_size = _linear_head.check_chunk_size(chunk_size)
@@ -140,6 +135,66 @@ def fused_causal_lm(
     # A `fit` function traced for the logits path must not be reused.
     causal_lm.train_function = causal_lm.test_function = None
     return causal_lm
+
+
+def _output_head(causal_lm: Any, backbone_output: Any) -> Tuple[tf.Tensor, tf.Tensor, bool, Optional[float]]:
+    """Returns `(hidden, kernel, transposed, cap)`: what the task's reversed embedding makes its logits of.
+
+    The logits are `cap * tanh(hidden @ kernel / cap)` (`kernel^T` when `transposed`; no cap when `cap` is
+    None), in the embedding's `reverse_dtype` when it has one. A `Seq2SeqLM`'s backbone returns a dict:
+    the output embedding reads the decoder's states.
+    """
+    hidden = backbone_output
+    if isinstance(hidden, dict):
+        hidden = hidden["decoder_sequence_output"]
+    embedding = causal_lm.backbone.token_embedding
+    kernel, transposed = output_kernel(causal_lm)
+    if embedding.reverse_dtype is not None:
+        hidden, kernel = tf.cast(hidden, embedding.reverse_dtype), tf.cast(kernel, embedding.reverse_dtype)
+    else:
+        kernel = tf.cast(kernel, hidden.dtype)
+    # The embedding's soft cap (Gemma 2), read at every step as the task's own reverse call does.
+    cap = None if embedding.logit_soft_cap is None else float(embedding.logit_soft_cap)
+    return hidden, kernel, transposed, cap
+
+
+def _check_logits_are_the_fused_head(causal_lm: Any) -> None:
+    """Refuses a task whose logits are not what the fused loss computes from its backbone's output.
+
+    The task and its backbone run once on a probe batch (batch 1, 2 tokens of id 1, nothing padded): the
+    task's own logits must equal `_output_head`'s. A task with anything else between the backbone and
+    its logits (T5 rescales the decoder's states when tied, T5Gemma has a decoder embedding of its own, a
+    user's task may add a layer) would otherwise be trained, silently, on another model's loss.
+    """
+    try:
+        inputs = causal_lm.input
+    except (AttributeError, ValueError) as error:
+        raise TypeError(_checks.invalid_value(
+            "causal_lm", "a functional keras-hub task (its inputs known, as every keras-hub task's are)",
+            f"a {type(causal_lm).__name__} without inputs ({error})", owner="fused_causal_lm")) from None
+
+    def probe(spec: Any) -> tf.Tensor:
+        shape = [1] + [2 if size is None else size for size in spec.shape[1:]]
+        dtype = tf.as_dtype(spec.dtype)
+        return tf.ones(shape, dtype) if dtype.is_integer or dtype.is_bool else tf.zeros(shape, dtype)
+
+    x = tf.nest.map_structure(probe, inputs)
+    logits = tf.cast(causal_lm(x, training=False), tf.float32)
+    hidden, kernel, transposed, cap = _output_head(causal_lm, causal_lm.backbone(x, training=False))
+    expected = tf.cast(tf.matmul(hidden, kernel, transpose_b=transposed), tf.float32)
+    if cap is not None:
+        expected = cap * tf.math.tanh(expected / cap)
+    scale = float(tf.reduce_max(tf.abs(expected))) + 1e-6
+    # Rounding only: float32 logits agree to a few ulps; half-precision ones to their own precision.
+    tolerance = scale * (1e-4 if hidden.dtype == tf.float32 else 2e-2)
+    difference = float(tf.reduce_max(tf.abs(logits - expected))) if logits.shape == expected.shape else None
+    if difference is None or not difference <= tolerance:
+        found = (f"logits of shape {logits.shape} where the fused head makes {expected.shape}"
+                 if difference is None else f"logits {difference:.3g} away from the fused head's (largest {scale:.3g})")
+        raise TypeError(_checks.invalid_value(
+            "causal_lm", "a task whose logits are `backbone.token_embedding` reversed over the backbone's output "
+            "(the decoder's states for a `Seq2SeqLM`), soft-capped if the embedding caps them",
+            f"a {type(causal_lm).__name__} with {found}", owner="fused_causal_lm"))
 
 
 class _FusedTrainer:
@@ -160,21 +215,11 @@ class _FusedTrainer:
 
     def loss(self, model: Any, x: Any, y: Any, sample_weight: Any, training: bool) -> Tuple[tf.Tensor, Any]:
         """Returns `(loss, stats)` of a batch: the fused loss of the backbone's hidden states."""
-        hidden = model.backbone(x, training=training)
-        if isinstance(hidden, dict):  # a Seq2SeqLM (BART): the output embedding reads the decoder's states
-            hidden = hidden["decoder_sequence_output"]
-        embedding = model.backbone.token_embedding
-        kernel, transposed = output_kernel(model)
-        if embedding.reverse_dtype is not None:
-            hidden, kernel = tf.cast(hidden, embedding.reverse_dtype), tf.cast(kernel, embedding.reverse_dtype)
-        else:
-            kernel = tf.cast(kernel, hidden.dtype)
+        hidden, kernel, transposed, cap = _output_head(model, model.backbone(x, training=training))
         y = tf.convert_to_tensor(y)
         if y.dtype.is_floating:
             y = tf.cast(y, tf.int64)
-        # The embedding's soft cap (Gemma 2), read at every step as the task's own reverse call does.
-        options = self.options if embedding.logit_soft_cap is None else dataclasses.replace(
-            self.options, logit_soft_cap=float(embedding.logit_soft_cap))
+        options = self.options if cap is None else dataclasses.replace(self.options, logit_soft_cap=cap)
         loss, stats = _linear_head.compute_linear_sequence_loss(
             hidden, kernel, y, options, sample_weight=sample_weight, chunk_size=self.chunk_size,
             transpose_kernel=transposed, return_token_stats=True)
