@@ -231,7 +231,9 @@ def _add_ratios(rows):
         peers = [r for r in rows if r["classes"] == row["classes"] and r["mode"] == row["mode"]
                  and r["entry"] in PEERS and "error" not in r]
         if peers and "error" not in row:
-            row["x_best_peak"] = row["peak_bytes"] / min(r["peak_bytes"] for r in peers)
+            best_peak = min(r["peak_bytes"] for r in peers)
+            # Tiny shapes can peak at nothing the allocator counts: no ratio then (NaN in the table).
+            row["x_best_peak"] = row["peak_bytes"] / best_peak if best_peak else float("nan")
             row["x_best_time"] = row["total_s"] / min(r["total_s"] for r in peers)
 
 

@@ -366,16 +366,16 @@ def test_xla_compilation_is_detected_only_inside_a_jit_compiled_function():
     assert _while_tracing(_fused.in_xla_compilation, jit_compile=True)
 
 
-def _run_benchmark(script, out, *args):
-    """Runs `benchmarks/<script>` writing to `out`; returns the rows of its results.json."""
+def _run_benchmark(script, out, *args, stem="results", plot="plot.png"):
+    """Runs `benchmarks/<script>` writing to `out`; returns the rows of its `<stem>.json`."""
     pytest.importorskip("matplotlib")
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, str(root / "benchmarks" / script), *args, "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    return json.loads((out / "results.json").read_text())["rows"]
+    assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return json.loads((out / f"{stem}.json").read_text())["rows"]
 
 
 @pytest.mark.slow
@@ -404,6 +404,26 @@ def test_xla_floor_harness_runs_end_to_end(tmp_path):
                          "tf_seqloss step (XLA)", "tf.nn step (XLA)"}
     assert all(row["median_s"] > 0 and len(row["times"]) == 2 for row in rows.values())
     assert rows["np.copyto (copy floor)"]["x_floor"] == 1.0 and rows["XLA: softmax"]["x_softmax"] == 1.0
+
+
+@pytest.mark.slow
+def test_whole_step_and_fused_head_harnesses_run_end_to_end(tmp_path):
+    rows = _run_benchmark("steps.py", tmp_path / "steps", "--batch", "2", "--time", "16", "--features", "8",
+                          "--classes", "1500", "--modes", "function,fit", "--entries", "default,tf.nn,linear",
+                          "--repeats", "1", "--fit-steps", "2", stem="steps", plot="steps.png")
+    assert {(row["entry"], row["mode"]) for row in rows} == {
+        ("default", "function"), ("tf.nn", "function"), ("linear", "function"), ("default", "fit"), ("tf.nn", "fit")}
+    for row in rows:
+        assert "error" not in row, row
+        assert row["total_s"] > 0 and np.isfinite(row["loss"])
+        if row["mode"] == "function":  # the harness's own NumPy float64 masked mean of the step's logits
+            assert row["loss_error"] < 1e-5, row
+    rows = _run_benchmark("head.py", tmp_path / "head", "--tokens", "64", "--features", "8", "--classes", "1500",
+                          "--modes", "function", "--repeats", "1", stem="head", plot="head.png")
+    fused, materialised = sorted(rows, key=lambda row: row["entry"])
+    assert (fused["entry"], materialised["entry"]) == ("fused", "materialised")
+    np.testing.assert_allclose(fused["loss"], materialised["loss"], rtol=1e-5)
+    assert fused["median_s"] > 0 and fused["x_materialised_time"] > 0 and fused["x_floor"] > 0
 
 
 @pytest.mark.parametrize("weight", [1.0, 1e-3], ids=["normal-ratio", "subnormal-ratio"])
