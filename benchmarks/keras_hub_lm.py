@@ -55,6 +55,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--time", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4, help="batches of `fit` (default 4: 1 + 3 timed)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="the fused route's chunk_size (default auto)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results_keras_hub"))
     parser.add_argument("--entry", help=argparse.SUPPRESS)  # ROUTE,MODE,DTYPE,MODEL: run one, print JSON
     return parser.parse_args(argv)
@@ -119,7 +120,7 @@ def measure_entry(route: str, mode: str, dtype: str, model: str, args) -> dict:
     if route == "fused":
         from tf_seqloss import keras_hub as fused_hub
 
-        causal_lm = fused_hub.fused_causal_lm(causal_lm)
+        causal_lm = fused_hub.fused_causal_lm(causal_lm, chunk_size=args.chunk_size)
     elif route == "floor":
         _train_without_a_head(causal_lm)
     causal_lm.compile(optimizer=keras.optimizers.Adam(1e-4), jit_compile=mode == "xla")
@@ -161,7 +162,7 @@ def main(argv=None):
     env.pop("TF_USE_LEGACY_KERAS", None)  # keras-hub runs on Keras 3
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     passthrough = ["--layers", str(args.layers), "--batch", str(args.batch), "--time", str(args.time),
-                   "--steps", str(args.steps)]
+                   "--steps", str(args.steps)] + (["--chunk-size", str(args.chunk_size)] if args.chunk_size else [])
     load_before = load_average()
     rows = []
     for model in args.models.split(","):
