@@ -64,8 +64,8 @@ def _peaks(script, entries, within):
     """Returns each entry's allocator peak, from a fresh process running `script(entry)`.
 
     A peak moves by about 1 MiB (5 % here) from process to process when the machine is busy (CI runs the slow
-    sets side by side). Noise only adds to a peak, so when the first peaks are not `within` the bound, every
-    entry runs once more and its lower peak is taken as its demand."""
+    sets side by side). So when the first peaks are not `within` the bound, every entry runs once more and
+    the lower of its two peaks is taken, for every entry alike (the bound itself is not loosened)."""
     def measure():
         return {entry: run_script(script(entry), marker="PEAK ", timeout=300) for entry in entries}
 
