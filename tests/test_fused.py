@@ -419,11 +419,12 @@ def test_whole_step_and_fused_head_harnesses_run_end_to_end(tmp_path):
         if row["mode"] == "function":  # the harness's own NumPy float64 masked mean of the step's logits
             assert row["loss_error"] < 1e-5, row
     rows = _run_benchmark("head.py", tmp_path / "head", "--tokens", "64", "--features", "8", "--classes", "1500",
-                          "--modes", "function", "--repeats", "1", stem="head", plot="head.png")
+                          "--modes", "function", "--repeats", "1", "--rounds", "2", stem="head", plot="head.png")
     fused, materialised = sorted(rows, key=lambda row: row["entry"])
     assert (fused["entry"], materialised["entry"]) == ("fused", "materialised")
     np.testing.assert_allclose(fused["loss"], materialised["loss"], rtol=1e-5)
     assert fused["median_s"] > 0 and fused["x_materialised_time"] > 0 and fused["x_floor"] > 0
+    assert fused["median_s"] in fused["round_medians_s"] and len(fused["round_medians_s"]) == 2
 
 
 @pytest.mark.parametrize("weight", [1.0, 1e-3], ids=["normal-ratio", "subnormal-ratio"])
