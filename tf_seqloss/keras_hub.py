@@ -47,7 +47,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import tensorflow as tf
 
 from tf_seqloss import _checks, _distribute, _keras, _linear_head, _metrics
-from tf_seqloss._options import LossOptions
+from tf_seqloss._options import LossOptions, soft_cap
 
 _INSTALL = 'pip install "tf_seqloss[keras-hub]"'
 
@@ -181,9 +181,7 @@ def _check_logits_are_the_fused_head(causal_lm: Any) -> None:
     x = tf.nest.map_structure(probe, inputs)
     logits = tf.cast(causal_lm(x, training=False), tf.float32)
     hidden, kernel, transposed, cap = _output_head(causal_lm, causal_lm.backbone(x, training=False))
-    expected = tf.cast(tf.matmul(hidden, kernel, transpose_b=transposed), tf.float32)
-    if cap is not None:
-        expected = cap * tf.math.tanh(expected / cap)
+    expected = soft_cap(tf.cast(tf.matmul(hidden, kernel, transpose_b=transposed), tf.float32), cap)
     scale = float(tf.reduce_max(tf.abs(expected))) + 1e-6
     # Rounding only: float32 logits agree to a few ulps; half-precision ones to their own precision.
     tolerance = scale * (1e-4 if hidden.dtype == tf.float32 else 2e-2)
