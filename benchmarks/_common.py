@@ -65,3 +65,16 @@ def run_in_own_process(script, entry: str, fields: dict, passthrough, **run_kwar
     row = json.loads(lines[-1][7:]) if lines else dict(fields, error=f"exit {out.returncode}: {out.stderr[-300:]}")
     print(json.dumps(row), flush=True)
     return row
+
+
+def median_run(runs: list, key: str) -> dict:
+    """Returns a copy of the run whose `key` is the median over the runs that did not fail (of two middle
+    ones, the larger), with their number as `rounds` and every one's `key` as `<key>_all`; the first run
+    when every run failed."""
+    good = [run for run in runs if "error" not in run]
+    if not good:
+        return runs[0]
+    row = dict(sorted(good, key=lambda run: run[key])[len(good) // 2])
+    row["rounds"] = len(good)
+    row[f"{key}_all"] = [run[key] for run in good]
+    return row

@@ -18,7 +18,8 @@ reported against the floor, the bytes of the gradients themselves (dh + dW + db)
 `--repeats` steps, and compared as ratios between the entries of one invocation (fused / materialised in
 the same mode). On a shared machine a single process moves by 10-30 %: `--rounds N` runs every entry in N
 processes, the entries alternating round after round, and reports the round with the median time (every
-round's median in the JSON, `round_medians_s`). Writes `head.md`, `head.json` and `head.png` to `--out`.
+round's median in the JSON, `median_s_all`; a failed round is left out, `rounds` counts the others).
+Writes `head.md`, `head.json` and `head.png` to `--out`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 
 # benchmarks/ is on the path of a script run from here
-from _common import load_average, run_in_own_process, write_results
+from _common import load_average, median_run, run_in_own_process, write_results
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -128,7 +129,7 @@ def main(argv=None):
                 for entry in entries:
                     runs[entry].append(run_in_own_process(__file__, f"{entry},{mode},{classes}",
                                                           dict(entry=entry, mode=mode, classes=classes), passthrough))
-            rows.extend(_median_round(runs[entry]) for entry in entries)
+            rows.extend(median_run(runs[entry], "median_s") for entry in entries)
     by_key = {(r["classes"], r["mode"], r["entry"]): r for r in rows}
     for row in rows:
         other = by_key.get((row["classes"], row["mode"], "materialised"))
@@ -137,16 +138,6 @@ def main(argv=None):
     meta = dict(command="python benchmarks/head.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 load_before=load_before, load_after=load_average(), cores=os.cpu_count())
     write_results(args.out, meta, rows, markdown, plot, stem="head", plot_name="head.png")
-
-
-def _median_round(runs):
-    """Returns the run whose median step time is the median of `runs` (a failed run, if any failed), with
-    every round's median time as `round_medians_s`."""
-    failed = [run for run in runs if "error" in run]
-    if failed or len(runs) == 1:
-        return (failed or runs)[0]
-    ordered = sorted(runs, key=lambda run: run["median_s"])
-    return dict(ordered[(len(ordered) - 1) // 2], round_medians_s=[run["median_s"] for run in runs])
 
 
 def markdown(rows, meta):

@@ -42,7 +42,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import load_average, machine, write_results  # benchmarks/ is on the path of a script run from here
+
+# benchmarks/ is on the path of a script run from here
+from _common import load_average, machine, median_run, write_results
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -173,13 +175,9 @@ def _progress_line(row):
 
 
 def _median_row(runs):
-    good = [row for row in runs if "error" not in row]
-    if not good:
-        return runs[0]
-    row = dict(sorted(good, key=lambda r: r["total_s"])[len(good) // 2])  # the median run, whole
-    row["rounds"] = len(good)
-    row["total_s_all"] = [r["total_s"] for r in good]
-    row["first_call_s"] = float(np.median([r["first_call_s"] for r in good]))
+    row = median_run(runs, "total_s")  # the median run, whole
+    if "error" not in row:
+        row["first_call_s"] = float(np.median([r["first_call_s"] for r in runs if "error" not in r]))
     return row
 
 

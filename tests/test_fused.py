@@ -424,7 +424,7 @@ def test_whole_step_and_fused_head_harnesses_run_end_to_end(tmp_path):
     assert (fused["entry"], materialised["entry"]) == ("fused", "materialised")
     np.testing.assert_allclose(fused["loss"], materialised["loss"], rtol=1e-5)
     assert fused["median_s"] > 0 and fused["x_materialised_time"] > 0 and fused["x_floor"] > 0
-    assert fused["median_s"] in fused["round_medians_s"] and len(fused["round_medians_s"]) == 2
+    assert fused["median_s"] in fused["median_s_all"] and len(fused["median_s_all"]) == fused["rounds"] == 2
 
 
 @pytest.mark.parametrize("weight", [1.0, 1e-3], ids=["normal-ratio", "subnormal-ratio"])
