@@ -394,6 +394,81 @@ def test_token_stats_match_numpy_float64_on_the_materialised_logits(mode):
     np.testing.assert_array_equal(stats.targets.numpy(), targets)
 
 
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+def test_token_stats_break_ties_at_the_lowest_id_over_many_classes_and_predict_no_class_at_nan(mode):
+    # Each token's hidden state is one-hot, so its logits are one row of small integers: most tokens
+    # have several tied maxima, spread over 3001 classes (several class slices, several chunks).
+    classes, features, batch, time = 3001, 16, 3, 7
+    rng = np.random.default_rng(5)
+    kernel = rng.integers(1, 5, size=(features, classes)).astype("float32")
+    rows = rng.integers(0, features, size=(batch, time))
+    hidden = np.eye(features, dtype="float32")[rows]
+    lengths = np.array([7, 5, 6])
+    mask = np.arange(time) < lengths[:, None]
+    hidden[0, 2] = np.nan                     # a real token: NaN logits
+    hidden[1, 1] = np.inf                     # a real token: +inf logits (kernel entries are positive)
+    hidden[1, 6] = np.nan                     # padding: must not matter
+    targets = rng.integers(0, classes, size=(batch, time)).astype("int32")
+    logits = np.nan_to_num(hidden.astype("float64"), nan=0.0, posinf=0.0) @ kernel.astype("float64")
+    expected = np.where(mask, logits.argmax(-1), 0)
+    expected[0, 2] = expected[1, 1] = classes  # no class where the log-sum-exp is NaN
+    assert (np.sort(logits, -1)[..., -1] == np.sort(logits, -1)[..., -2]).mean() > 0.5  # ties are common
+    assert expected[mask].max() > classes // 2  # maxima not all at low ids
+
+    def run(hidden, kernel, targets):
+        return tf_seqloss.linear_sequence_loss(hidden, kernel, targets, lengths=lengths, chunk_size=4,
+                                               return_token_stats=True)[1].predictions
+
+    if mode != "eager":
+        run = tf.function(run, jit_compile=mode == "xla")
+    np.testing.assert_array_equal(run(hidden, kernel, targets).numpy(), expected)
+
+
+XLA_TEMP_SCRIPT = textwrap.dedent('''
+    import glob, os, re, sys
+    import tensorflow as tf
+    import tf_seqloss
+
+    stats = sys.argv[1] == "stats"
+    hidden = tf.random.normal([4, 64, 32])
+    kernel = tf.random.normal([32, 4099])
+    targets = tf.zeros([4, 64], tf.int32)
+
+    @tf.function(jit_compile=True)
+    def step(hidden, kernel, targets):
+        with tf.GradientTape() as tape:
+            tape.watch([hidden, kernel])
+            out = tf_seqloss.linear_sequence_loss(hidden, kernel, targets, chunk_size=64,
+                                                  return_token_stats=stats)
+            loss = out[0] if stats else out
+        return tape.gradient(loss, [hidden, kernel]), (out[1].predictions if stats else loss)
+
+    step(hidden, kernel, targets)
+    [path] = glob.glob(os.path.join(os.environ["DUMP"], "*step*buffer-assignment.txt"))
+    print("TEMP", re.search(r"size (\\d+), preallocated-temp", open(path).read()).group(1))
+''')
+
+
+def _xla_temp_bytes(flavour):
+    # XLA's buffer assignment of one compiled step (the dump is only switched on before TensorFlow starts).
+    with tempfile.TemporaryDirectory() as dump:
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT), DUMP=dump,
+                   XLA_FLAGS=f"--xla_dump_to={dump}")
+        done = subprocess.run([sys.executable, "-c", XLA_TEMP_SCRIPT, flavour], capture_output=True, text=True,
+                              env=env, cwd=ROOT, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return int([line for line in done.stdout.splitlines() if line.startswith("TEMP")][-1].split()[1])
+
+
+def test_token_stats_under_xla_hold_no_buffer_of_a_chunk_by_the_classes():
+    # The argmax and cross-entropy per token are reductions of the chunk's logits: under XLA they add
+    # well under one `[chunk, classes]` buffer (64 x 4099 x 4 bytes) to the step's temporaries. Before
+    # XLA's ArgMax was used there, the explicit lowest-id rule made XLA on CPU write an int32 one.
+    chunk_buffer = 64 * 4099 * 4
+    extra = _xla_temp_bytes("stats") - _xla_temp_bytes("loss")
+    assert extra < chunk_buffer // 4, (extra, chunk_buffer)
+
+
 def test_metrics_from_token_stats_are_exact_over_uneven_batches():
     perplexity, accuracy = tf_seqloss.TokenPerplexity(), tf_seqloss.TokenAccuracy()
     pooled = []

@@ -77,7 +77,8 @@ class TokenStats(NamedTuple):
         targets: the class ids.
         weights: each token's weight, every padding route multiplied together (0 at padded tokens).
         predictions: int32 argmax of each token's logits; among tied maxima, the lowest id (NumPy's
-            `argmax` rule). 0 at padded tokens.
+            `argmax` rule). 0 at padded tokens; the number of classes (no class) at a real token whose
+            log-sum-exp is NaN (a NaN or +inf among its logits, or all of them -inf).
         cross_entropy: each token's plain cross-entropy `logsumexp(logits) - logits[target]`, without
             label smoothing or z-loss, in the compute dtype. 0 at padded tokens; NaN at a real token whose
             id is out of range.
@@ -481,7 +482,7 @@ class _ChunkLoop:
             ce_ta = ce_ta.write(c, tf.where(live, ce, zero))
             lse_ta = lse_ta.write(c, tf.where(live, lse, zero))
             if token_stats:
-                stats_ta = _write_token_stats(stats_ta, c, logits, labels, lse, live)
+                stats_ta = _write_token_stats(stats_ta, c, logits, labels, lse, live, xla)
             if not with_grad:
                 return (c + 1, ce_ta, lse_ta, d_hidden, d_kernel, d_bias, *stats_ta)
             if cap is not None:
@@ -533,13 +534,24 @@ class _ChunkLoop:
         return ce, lse, (d_hidden, d_kernel, d_bias), *stats
 
 
-def _write_token_stats(stats_ta, c, logits, labels, lse, live):
-    """Writes a chunk's argmax (the lowest id among tied maxima, as NumPy's) and plain cross-entropy."""
+def _write_token_stats(stats_ta, c, logits, labels, lse, live, xla):
+    """Writes a chunk's argmax (the lowest id among tied maxima, as NumPy's) and plain cross-entropy.
+
+    A token whose log-sum-exp is NaN (a NaN or +inf among its logits, or every logit -inf) predicts
+    `classes`: no class.
+    """
     predictions_ta, nll_ta = stats_ta
     classes = tf.shape(logits)[1]
-    at_max = tf.equal(logits, tf.reduce_max(logits, axis=1, keepdims=True))
-    # An explicit rule rather than `tf.argmax`, whose choice among ties TensorFlow does not promise.
-    predictions = tf.reduce_min(tf.where(at_max, tf.range(classes)[None, :], classes), axis=1)
+    if xla:
+        # XLA's ArgMax is a reduction whose comparator takes the lower id of equal values, the same on
+        # every device, and reads the logits in place: the rule below made XLA on CPU write a whole
+        # `[tokens, classes]` int32 temporary (25 MiB a chunk at 50257 classes) before reducing it.
+        predictions = tf.argmax(logits, axis=1, output_type=tf.int32)
+    else:
+        # An explicit rule rather than `tf.argmax`, whose choice among ties TensorFlow does not promise.
+        at_max = tf.equal(logits, tf.reduce_max(logits, axis=1, keepdims=True))
+        predictions = tf.reduce_min(tf.where(at_max, tf.range(classes)[None, :], classes), axis=1)
+    predictions = tf.where(tf.math.is_nan(lse), classes, predictions)
     nll = lse - tf.gather(logits, labels[:, None], batch_dims=1)[:, 0]
     return (predictions_ta.write(c, tf.where(live, predictions, 0)),
             nll_ta.write(c, tf.where(live, nll, tf.zeros([], nll.dtype))))
