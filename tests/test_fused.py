@@ -427,6 +427,24 @@ def test_whole_step_and_fused_head_harnesses_run_end_to_end(tmp_path):
     assert fused["median_s"] in fused["median_s_all"] and len(fused["median_s_all"]) == fused["rounds"] == 2
 
 
+@pytest.mark.slow
+def test_chunked_matmuls_harness_runs_end_to_end(tmp_path):
+    # The harness itself checks each chunked product against the whole one (the sum of its squares) and
+    # fails on a mismatch: a run that completes computed the same three products both ways.
+    rows = _run_benchmark("chunked_matmuls.py", tmp_path, "--shape", "64x8x1500", "--chunks", "16,32",
+                          "--repeats", "1")
+    products = ("logits h @ W", "kernel gradient h^T @ g", "hidden gradient g @ W^T")
+    assert sorted((row["mode"], row["product"], str(row["chunk"])) for row in rows) == sorted(
+        (mode, product, chunk) for mode in ("function", "xla") for product in products
+        for chunk in ("whole", "16", "32"))
+    assert all(row["seconds"] > 0 and row["gflops"] > 0 for row in rows)
+    assert "| xla | kernel gradient h^T @ g | 16 |" in (tmp_path / "results.md").read_text()
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "chunked_matmuls.py"
+    bad = subprocess.run([sys.executable, str(script), "--shape", "64x8x1500", "--chunks", "48"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--chunks must divide the tokens of --shape (64), got 48" in bad.stderr
+
+
 @pytest.mark.parametrize("weight", [1.0, 1e-3], ids=["normal-ratio", "subnormal-ratio"])
 def test_plain_fused_backward_is_exact_when_upstream_over_the_sum_is_subnormal(weight):
     # The target logit is the shift: a logit 85 above it makes the sum of exponentials ~1e37, so
