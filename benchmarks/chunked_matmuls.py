@@ -42,7 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--chunks", default="128,256,512", help="comma-separated tokens per chunk")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results_chunked_matmuls"))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "chunked_matmuls"))
     parser.add_argument("--entry", help=argparse.SUPPRESS)  # MODE: run one mode's rows, print JSON
     args = parser.parse_args(argv)
     tokens = int(args.shape.split("x")[0])

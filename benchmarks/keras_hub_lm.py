@@ -56,7 +56,7 @@ def parse_args(argv=None):
     parser.add_argument("--time", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4, help="batches of `fit` (default 4: 1 + 3 timed)")
     parser.add_argument("--chunk-size", type=int, default=None, help="the fused route's chunk_size (default auto)")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results_keras_hub"))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "keras_hub"))
     parser.add_argument("--entry", help=argparse.SUPPRESS)  # ROUTE,MODE,DTYPE,MODEL: run one, print JSON
     return parser.parse_args(argv)
 
