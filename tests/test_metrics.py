@@ -407,11 +407,12 @@ def test_token_stats_break_ties_at_the_lowest_id_over_many_classes_and_predict_n
     mask = np.arange(time) < lengths[:, None]
     hidden[0, 2] = np.nan                     # a real token: NaN logits
     hidden[1, 1] = np.inf                     # a real token: +inf logits (kernel entries are positive)
+    hidden[2, 3] = -np.inf                    # a real token: every logit -inf
     hidden[1, 6] = np.nan                     # padding: must not matter
     targets = rng.integers(0, classes, size=(batch, time)).astype("int32")
-    logits = np.nan_to_num(hidden.astype("float64"), nan=0.0, posinf=0.0) @ kernel.astype("float64")
+    logits = np.nan_to_num(hidden.astype("float64"), nan=0.0, posinf=0.0, neginf=0.0) @ kernel.astype("float64")
     expected = np.where(mask, logits.argmax(-1), 0)
-    expected[0, 2] = expected[1, 1] = classes  # no class where the log-sum-exp is NaN
+    expected[0, 2] = expected[1, 1] = expected[2, 3] = classes  # no class where the log-sum-exp is NaN
     assert (np.sort(logits, -1)[..., -1] == np.sort(logits, -1)[..., -2]).mean() > 0.5  # ties are common
     assert expected[mask].max() > classes // 2  # maxima not all at low ids
 
