@@ -8,6 +8,7 @@ the fast paths. Speed and memory are measured by `benchmarks/run.py`, not here.
 """
 
 import functools
+import importlib.util
 import json
 import os
 import subprocess
@@ -425,6 +426,25 @@ def test_whole_step_and_fused_head_harnesses_run_end_to_end(tmp_path):
     np.testing.assert_allclose(fused["loss"], materialised["loss"], rtol=1e-5)
     assert fused["median_s"] > 0 and fused["x_materialised_time"] > 0 and fused["x_floor"] > 0
     assert fused["median_s"] in fused["median_s_all"] and len(fused["median_s_all"]) == fused["rounds"] == 2
+
+
+@pytest.mark.slow
+def test_keras_hub_harness_runs_end_to_end(tmp_path):
+    # The harness runs its entries on Keras 3 whatever the flavour here; keras-hub is an optional extra.
+    if importlib.util.find_spec("keras_hub") is None:
+        pytest.skip('keras-hub is not installed: pip install "tf_seqloss[keras-hub]"')
+    rows = _run_benchmark("keras_hub_lm.py", tmp_path, "--models", "gpt2:16:300", "--dtypes", "float32",
+                          "--modes", "function", "--routes", "default,fused,floor", "--layers", "1", "--batch", "2",
+                          "--time", "16", "--steps", "2", stem="keras_hub_lm", plot="keras_hub_lm.png")
+    rows = {row["route"]: row for row in rows}
+    assert set(rows) == {"default", "fused", "floor"}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["peak_bytes"] >= 0 and row["tokens_per_s"] > 0 and row["fit_s"] > 0
+    # Random weights give nearly uniform logits: the fused route's loss (a mean over the real tokens) is
+    # close to log(classes); keras-hub's default divides by every token, padding included, so it is lower.
+    assert abs(rows["fused"]["loss"] - np.log(300)) < 0.05 * np.log(300), rows["fused"]
+    assert rows["default"]["loss"] < rows["fused"]["loss"]
 
 
 @pytest.mark.slow
