@@ -2,6 +2,7 @@
 
     python benchmarks/keras_hub_lm.py                                    # the sweep in benchmarks/README.md
     python benchmarks/keras_hub_lm.py --models gpt2:128:50257 --dtypes float32 --modes function
+    python benchmarks/keras_hub_lm.py --models gpt2:128:50257 --modes xla --steps 8 --rounds 3
 
 Each entry runs in a process of its own (no allocator pool, trace or XLA cache shared), builds a backbone
 with random weights from config (nothing downloaded) and trains it with `fit` for `--steps` batches of
@@ -25,6 +26,9 @@ Printed per entry: the peak of TensorFlow's CPU allocator during `fit` above wha
 (weights and optimizer state excluded; the batches are fed from NumPy), the whole `fit`'s wall time
 (compilation counted), and tokens per second (real tokens, padding excluded) over the steps after the
 first. `× default` divides the fused route's figures by the default route's in the same invocation.
+On a shared machine tokens per second move by 10-30 % between processes: `--rounds N` runs every route in
+N processes, the routes alternating, and reports the round of median tokens per second (every round's
+figure in the JSON, `tokens_per_s_all`; a failed round is left out, `rounds` counts the others).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import time
 from pathlib import Path
 
 # benchmarks/ is on the path of a script run from here
-from _common import load_average, machine, print_entry, run_in_own_process, write_results
+from _common import load_average, machine, median_run, print_entry, run_in_own_process, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTES = ("default", "fused")
@@ -56,6 +60,8 @@ def parse_args(argv=None):
     parser.add_argument("--time", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4, help="batches of `fit` (default 4: 1 + 3 timed)")
     parser.add_argument("--chunk-size", type=int, default=None, help="the fused route's chunk_size (default auto)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="processes a route, the routes alternating; the round of median tokens/s is reported")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "keras_hub"))
     parser.add_argument("--entry", help=argparse.SUPPRESS)  # ROUTE,MODE,DTYPE,MODEL: run one, print JSON
     return parser.parse_args(argv)
@@ -168,10 +174,15 @@ def main(argv=None):
     for model in args.models.split(","):
         for dtype in args.dtypes.split(","):
             for mode in args.modes.split(","):
-                for route in args.routes.split(","):
-                    rows.append(run_in_own_process(__file__, f"{route},{mode},{dtype},{model}",
-                                          dict(route=route, mode=mode, dtype=dtype, model=model), passthrough,
-                                          env=env, cwd=ROOT))
+                routes = args.routes.split(",")
+                # Round after round of every route, so that a slow spell of the machine falls on all of them.
+                runs = {route: [] for route in routes}
+                for _ in range(args.rounds):
+                    for route in routes:
+                        runs[route].append(run_in_own_process(
+                            __file__, f"{route},{mode},{dtype},{model}",
+                            dict(route=route, mode=mode, dtype=dtype, model=model), passthrough, env=env, cwd=ROOT))
+                rows.extend(median_run(runs[route], "tokens_per_s") for route in routes)
     for row in rows:
         base = next((r for r in rows if r["route"] == "default" and "error" not in r
                      and all(r[k] == row[k] for k in ("mode", "dtype", "model"))), None)
@@ -180,13 +191,15 @@ def main(argv=None):
             row["x_tokens_per_s"] = row["tokens_per_s"] / base["tokens_per_s"]
     meta = dict(command="python benchmarks/keras_hub_lm.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 load_before=load_before, load_after=load_average(), **machine(), layers=args.layers,
-                batch=args.batch, time=args.time, steps=args.steps)
+                batch=args.batch, time=args.time, steps=args.steps, rounds=args.rounds)
     write_results(args.out, meta, rows, markdown, plot, stem="keras_hub_lm", plot_name="keras_hub_lm.png")
 
 
 def markdown(rows, meta):
     lines = [f"`{meta['command']}`: {meta['layers']} layers, fit of {meta['steps']} batches of {meta['batch']} x "
-             f"{meta['time']} tokens (lengths in [time / 2, time]); {meta['cpu']}, {meta['cores']} cores; load "
+             f"{meta['time']} tokens (lengths in [time / 2, time])"
+             + (f", the round of median tokens/s of {meta['rounds']} an entry" if meta.get("rounds", 1) > 1 else "")
+             + f"; {meta['cpu']}, {meta['cores']} cores; load "
              f"average before/after: {meta['load_before']} / {meta['load_after']}.", "",
              "| model (kind:hidden:classes) | dtype | mode | route | peak MiB | × default | fit s | first step s "
              "| tokens/s | × default | last loss | load |",
