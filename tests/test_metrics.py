@@ -426,17 +426,17 @@ def test_token_stats_break_ties_at_the_lowest_id_over_many_classes_and_predict_n
 
 
 XLA_TEMP_SCRIPT = textwrap.dedent('''
-    import glob, os, re, sys
+    import glob, json, os, re, tempfile
+    dump = tempfile.mkdtemp()
+    os.environ["XLA_FLAGS"] = f"--xla_dump_to={dump}"  # read when XLA first compiles
     import tensorflow as tf
     import tf_seqloss
 
-    stats = sys.argv[1] == "stats"
     hidden = tf.random.normal([4, 64, 32])
     kernel = tf.random.normal([32, 4099])
     targets = tf.zeros([4, 64], tf.int32)
 
-    @tf.function(jit_compile=True)
-    def step(hidden, kernel, targets):
+    def step(stats):
         with tf.GradientTape() as tape:
             tape.watch([hidden, kernel])
             out = tf_seqloss.linear_sequence_loss(hidden, kernel, targets, chunk_size=64,
@@ -444,29 +444,31 @@ XLA_TEMP_SCRIPT = textwrap.dedent('''
             loss = out[0] if stats else out
         return tape.gradient(loss, [hidden, kernel]), (out[1].predictions if stats else loss)
 
-    step(hidden, kernel, targets)
-    [path] = glob.glob(os.path.join(os.environ["DUMP"], "*step*buffer-assignment.txt"))
-    print("TEMP", re.search(r"size (\\d+), preallocated-temp", open(path).read()).group(1))
+    @tf.function(jit_compile=True)
+    def step_with_stats():
+        return step(True)
+
+    @tf.function(jit_compile=True)
+    def step_without_stats():
+        return step(False)
+
+    temp = {}
+    for name, fn in (("with_stats", step_with_stats), ("without_stats", step_without_stats)):
+        fn()
+        [path] = glob.glob(os.path.join(dump, f"*step_{name}_*buffer-assignment.txt"))
+        temp[name] = int(re.search(r"size (\\d+), preallocated-temp", open(path).read()).group(1))
+    print("RESULT " + json.dumps(temp))
 ''')
-
-
-def _xla_temp_bytes(flavour):
-    # XLA's buffer assignment of one compiled step (the dump is only switched on before TensorFlow starts).
-    with tempfile.TemporaryDirectory() as dump:
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT), DUMP=dump,
-                   XLA_FLAGS=f"--xla_dump_to={dump}")
-        done = subprocess.run([sys.executable, "-c", XLA_TEMP_SCRIPT, flavour], capture_output=True, text=True,
-                              env=env, cwd=ROOT, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return int([line for line in done.stdout.splitlines() if line.startswith("TEMP")][-1].split()[1])
 
 
 def test_token_stats_under_xla_hold_no_buffer_of_a_chunk_by_the_classes():
     # The argmax and cross-entropy per token are reductions of the chunk's logits: under XLA they add
     # well under one `[chunk, classes]` buffer (64 x 4099 x 4 bytes) to the step's temporaries. Before
     # XLA's ArgMax was used there, the explicit lowest-id rule made XLA on CPU write an int32 one.
+    # XLA's buffer assignment of each compiled step is read from its dump, in a child process.
     chunk_buffer = 64 * 4099 * 4
-    extra = _xla_temp_bytes("stats") - _xla_temp_bytes("loss")
+    temp = run_script(XLA_TEMP_SCRIPT, marker="RESULT ", timeout=240)
+    extra = temp["with_stats"] - temp["without_stats"]
     assert extra < chunk_buffer // 4, (extra, chunk_buffer)
 
 
