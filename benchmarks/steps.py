@@ -16,11 +16,16 @@ the masked mean cross-entropy over uneven sequence lengths, and the gradients of
   `sample_weight`, over the mask's sum (in `fit`: the default reduction);
 - `linear`: `tf_seqloss.linear_sequence_loss(hidden, kernel, targets, lengths=lengths)`, the fused head
   (not in `fit`);
+- `floor`: not a loss but a bound on every entry's time: the same step with the cross-entropy replaced by
+  the masked mean of the logits' sum over classes (`reduce_sum(reduce_sum(logits, -1) * mask) / reduce_sum(mask)`),
+  so the projection's three matmuls, a broadcast and a sum, and no softmax (not in `fit`, no ratio of its
+  own peak: its logits gradient is a broadcast the others do not hold);
 - `fused_xla` (only when asked for with `--entries`): `sequence_loss(..., implementation="fused_xla")`,
   the option that buys speed with static sizes for one more logits-sized buffer (in `fit`, `SequenceLoss`
   with that implementation).
 
-Modes: `function` (a `tf.function` with `None` batch and time sizes), `static` (a `tf.function` traced for
+Modes: `function` (a `tf.function` with `None` batch and time sizes; the kernel's shape, a model's weight,
+is known), `static` (a `tf.function` traced for
 the concrete shape), `xla` (`jit_compile=True`), `fit` (`Dense(classes, use_bias=False)` on the features
 in `model.fit` with SGD, over `--fit-steps` batches whose time is drawn from [64, 256)).
 
@@ -47,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # time this che
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-ENTRIES = ("default", "tf.nn", "keras", "linear")
+ENTRIES = ("default", "tf.nn", "keras", "linear", "floor")
 OPTIONAL_ENTRIES = ("fused_xla",)
 MODES = ("function", "static", "xla", "fit")
 PEERS = ("tf.nn", "keras")
@@ -104,7 +109,10 @@ def run_custom(entry, mode, classes, args):
                                                        lengths=lengths)
             else:
                 logits = tf.matmul(tf.cast(hidden, dtype), tf.cast(kernel, dtype))
-                if entry in ("default", "fused_xla"):
+                if entry == "floor":
+                    mask = tf.sequence_mask(lengths, tf.shape(targets)[1], dtype=tf.float32)
+                    loss = tf.reduce_sum(tf.cast(tf.reduce_sum(logits, -1), tf.float32) * mask) / tf.reduce_sum(mask)
+                elif entry in ("default", "fused_xla"):
                     loss = tf_seqloss.sequence_loss(logits, targets, lengths=lengths, **_package_options(entry))
                 else:
                     mask = tf.sequence_mask(lengths, tf.shape(targets)[1], dtype=tf.float32)
@@ -113,7 +121,7 @@ def run_custom(entry, mode, classes, args):
 
     if mode == "function":
         signature = [tf.TensorSpec([None, None, args.features], tf.float32),
-                     tf.TensorSpec([args.features, None], tf.float32),
+                     tf.TensorSpec([args.features, classes], tf.float32),
                      tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32)]
         step = tf.function(step, input_signature=signature)
     else:
@@ -130,7 +138,8 @@ def run_custom(entry, mode, classes, args):
         float(step(*inputs)[0])
         times.append(time.perf_counter() - start)
     peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
-    reference = _reference_loss(hidden.numpy(), kernel.numpy(), targets.numpy(), lengths.numpy(), dtype)
+    reference = _reference_loss(hidden.numpy(), kernel.numpy(), targets.numpy(), lengths.numpy(), dtype,
+                                floor=entry == "floor")
     return dict(first_s=first, times=times, total_s=first + sum(times), peak_bytes=peak, loss=loss,
                 loss_error=abs(loss - reference) / abs(reference))
 
@@ -140,17 +149,20 @@ def _package_options(entry):
     return {} if entry == "default" else {"implementation": entry}
 
 
-def _reference_loss(hidden, kernel, targets, lengths, dtype):
-    """The masked mean in NumPy float64 of the logits as the step makes them (rounded to `dtype`)."""
+def _reference_loss(hidden, kernel, targets, lengths, dtype, floor=False):
+    """The masked mean in NumPy float64 of the logits as the step makes them (rounded to `dtype`): of the
+    cross-entropy, or with `floor=True` of the logits' sum over classes (the `floor` entry's)."""
     import numpy as np
     import tensorflow as tf
 
     rounded = [tf.cast(tf.cast(x, dtype), tf.float64).numpy() for x in (hidden, kernel)]
     logits = tf.cast(tf.cast(rounded[0] @ rounded[1], dtype), tf.float64).numpy()
+    mask = np.arange(targets.shape[1])[None, :] < lengths[:, None]
+    if floor:
+        return float((logits.sum(-1) * mask).sum() / mask.sum())
     shift = logits.max(-1, keepdims=True)
     lse = np.log(np.exp(logits - shift).sum(-1)) + shift[..., 0]
     ce = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    mask = np.arange(targets.shape[1])[None, :] < lengths[:, None]
     return float((ce * mask).sum() / mask.sum())
 
 
@@ -215,7 +227,7 @@ def main(argv=None):
     for classes in [int(c) for c in args.classes.split(",") if c]:
         for mode in args.modes.split(","):
             for entry in args.entries.split(","):
-                if mode == "fit" and entry == "linear":
+                if mode == "fit" and entry in ("linear", "floor"):
                     continue
                 rows.append(run_in_own_process(__file__, f"{entry},{mode},{classes}",
                                       dict(entry=entry, mode=mode, classes=classes), passthrough))
@@ -233,7 +245,8 @@ def _add_ratios(rows):
         if peers and "error" not in row:
             best_peak = min(r["peak_bytes"] for r in peers)
             # Tiny shapes can peak at nothing the allocator counts: no ratio then (NaN in the table).
-            row["x_best_peak"] = row["peak_bytes"] / best_peak if best_peak else float("nan")
+            if row["entry"] != "floor":  # a bound on time only
+                row["x_best_peak"] = row["peak_bytes"] / best_peak if best_peak else float("nan")
             row["x_best_time"] = row["total_s"] / min(r["total_s"] for r in peers)
 
 
@@ -273,14 +286,15 @@ def plot(rows, path):
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     fig, axes = plt.subplots(2, len(modes), figsize=(4.2 * len(modes), 7), squeeze=False)
     for column, mode in enumerate(modes):
-        for entry, color in zip(ENTRIES + OPTIONAL_ENTRIES, ("C0", "C1", "C2", "C3", "C4")):
+        for entry, color in zip(ENTRIES + OPTIONAL_ENTRIES, ("C0", "C1", "C2", "C3", "C7", "C4")):
             points = sorted((r["classes"], r) for r in rows
                             if r["entry"] == entry and r["mode"] == mode and "error" not in r)
             if not points:
                 continue
             classes = [c for c, _ in points]
-            axes[0, column].plot(classes, [r["peak_bytes"] / 2**20 for _, r in points], "-o", color=color,
-                                 label=entry)
+            if entry != "floor":  # a bound on time only
+                axes[0, column].plot(classes, [r["peak_bytes"] / 2**20 for _, r in points], "-o", color=color,
+                                     label=entry)
             axes[1, column].plot(classes, [r["total_s"] for _, r in points], "-o", color=color, label=entry)
         axes[0, column].set(title=MODE_TITLES[mode].replace("`", ""), ylabel="peak MiB")
         axes[1, column].set(xlabel="classes", ylabel="total s (first call included)")

@@ -410,15 +410,18 @@ def test_xla_floor_harness_runs_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_whole_step_and_fused_head_harnesses_run_end_to_end(tmp_path):
     rows = _run_benchmark("steps.py", tmp_path / "steps", "--batch", "2", "--time", "16", "--features", "8",
-                          "--classes", "1500", "--modes", "function,fit", "--entries", "default,tf.nn,linear",
+                          "--classes", "1500", "--modes", "function,fit", "--entries", "default,tf.nn,linear,floor",
                           "--repeats", "1", "--fit-steps", "2", stem="steps", plot="steps.png")
     assert {(row["entry"], row["mode"]) for row in rows} == {
-        ("default", "function"), ("tf.nn", "function"), ("linear", "function"), ("default", "fit"), ("tf.nn", "fit")}
+        ("default", "function"), ("tf.nn", "function"), ("linear", "function"), ("floor", "function"),
+        ("default", "fit"), ("tf.nn", "fit")}
     for row in rows:
         assert "error" not in row, row
         assert row["total_s"] > 0 and np.isfinite(row["loss"])
         if row["mode"] == "function":  # the harness's own NumPy float64 masked mean of the step's logits
             assert row["loss_error"] < 1e-5, row
+        # The floor bounds time only: no peak ratio (its logits gradient is a broadcast).
+        assert ("x_best_peak" in row) == (row["entry"] != "floor"), row
     rows = _run_benchmark("head.py", tmp_path / "head", "--tokens", "64", "--features", "8", "--classes", "1500",
                           "--modes", "function", "--repeats", "1", "--rounds", "2", stem="head", plot="head.png")
     fused, materialised = sorted(rows, key=lambda row: row["entry"])
