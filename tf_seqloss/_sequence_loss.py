@@ -109,7 +109,8 @@ def sequence_loss(
             buffer between forward and backward, but writes the gradient beside the logits; XLA compiles
             them once per input shape. `"auto"` (default) keeps the reference whenever a GPU or other
             accelerator is visible, since only CPU was measured; on a CPU-only machine it takes the
-            reference below 1024 classes, else `"fused_xla"` eagerly and `"fused"` while tracing (under
+            reference below 1024 classes or when the logits' last dimension is unknown while tracing
+            (outside XLA), else `"fused_xla"` eagerly and `"fused"` while tracing (under
             XLA, in a `tf.function` with static or `None` sizes, in Keras' `fit`), which compiles nothing
             per shape. Memory decides that choice: in a `tf.function` with static sizes
             `implementation="fused_xla"` is faster per step and buys that speed for one more
