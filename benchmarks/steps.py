@@ -16,10 +16,11 @@ the masked mean cross-entropy over uneven sequence lengths, and the gradients of
   `sample_weight`, over the mask's sum (in `fit`: the default reduction);
 - `linear`: `tf_seqloss.linear_sequence_loss(hidden, kernel, targets, lengths=lengths)`, the fused head
   (not in `fit`);
-- `floor`: not a loss but a bound on every entry's time: the same step with the cross-entropy replaced by
-  the masked mean of the logits' sum over classes (`reduce_sum(reduce_sum(logits, -1) * mask) / reduce_sum(mask)`),
-  so the projection's three matmuls, a broadcast and a sum, and no softmax (not in `fit`, no ratio of its
-  own peak: its logits gradient is a broadcast the others do not hold);
+- `floor`: not a loss but a yardstick for time: the same step with the cross-entropy replaced by the
+  masked mean of the logits' sum over classes (`reduce_sum(reduce_sum(logits, -1) * mask) / reduce_sum(mask)`),
+  so the projection's three matmuls, a broadcast and a sum, and no softmax: in a `tf.function` about the
+  least a step on these logits takes (under XLA its broadcast gradient can cost more than a softmax). Not
+  in `fit`, and no ratio of its peak (its logits gradient is a broadcast the others do not hold);
 - `fused_xla` (only when asked for with `--entries`): `sequence_loss(..., implementation="fused_xla")`,
   the option that buys speed with static sizes for one more logits-sized buffer (in `fit`, `SequenceLoss`
   with that implementation).
@@ -245,7 +246,7 @@ def _add_ratios(rows):
         if peers and "error" not in row:
             best_peak = min(r["peak_bytes"] for r in peers)
             # Tiny shapes can peak at nothing the allocator counts: no ratio then (NaN in the table).
-            if row["entry"] != "floor":  # a bound on time only
+            if row["entry"] != "floor":  # a yardstick for time only
                 row["x_best_peak"] = row["peak_bytes"] / best_peak if best_peak else float("nan")
             row["x_best_time"] = row["total_s"] / min(r["total_s"] for r in peers)
 
@@ -292,7 +293,7 @@ def plot(rows, path):
             if not points:
                 continue
             classes = [c for c, _ in points]
-            if entry != "floor":  # a bound on time only
+            if entry != "floor":  # a yardstick for time only
                 axes[0, column].plot(classes, [r["peak_bytes"] / 2**20 for _, r in points], "-o", color=color,
                                      label=entry)
             axes[1, column].plot(classes, [r["total_s"] for _, r in points], "-o", color=color, label=entry)

@@ -420,7 +420,7 @@ def test_whole_step_and_fused_head_harnesses_run_end_to_end(tmp_path):
         assert row["total_s"] > 0 and np.isfinite(row["loss"])
         if row["mode"] == "function":  # the harness's own NumPy float64 masked mean of the step's logits
             assert row["loss_error"] < 1e-5, row
-        # The floor bounds time only: no peak ratio (its logits gradient is a broadcast).
+        # The floor is a yardstick for time only: no peak ratio (its logits gradient is a broadcast).
         assert ("x_best_peak" in row) == (row["entry"] != "floor"), row
     rows = _run_benchmark("head.py", tmp_path / "head", "--tokens", "64", "--features", "8", "--classes", "1500",
                           "--modes", "function", "--repeats", "1", "--rounds", "2", stem="head", plot="head.png")
