@@ -206,7 +206,7 @@ import tensorflow as tf
 import tf_seqloss
 
 tf.config.threading.set_inter_op_parallelism_threads(1)  # as in _PEAK
-tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+tf.keras.mixed_precision.set_global_policy({policy!r})
 classes = 8192
 loss = tf_seqloss.SequenceLoss() if {entry!r} == "default" else (
     tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -230,14 +230,20 @@ print("PEAK " + json.dumps(tf.config.experimental.get_memory_info("CPU:0")["peak
 
 
 @pytest.mark.slow  # two fresh processes
-def test_fit_under_mixed_bfloat16_peaks_no_higher_than_keras():
-    """`SequenceLoss` used to cast the bfloat16 logits to float32 itself: 1.6x Keras' peak in `fit`."""
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_fit_under_mixed_precision_peaks_no_higher_than_keras(policy):
+    """`SequenceLoss` used to cast the bfloat16 logits to float32 itself: 1.6x Keras' peak in `fit`.
+
+    Under `mixed_float16` Keras also wraps the optimizer in a `LossScaleOptimizer`, which scales the loss
+    and its gradient.
+    """
     if tf.keras.losses.Loss.__module__.startswith("tf_keras"):
-        # tf_keras' loss runs TensorFlow's kernel on the bfloat16 logits: a softmax in bfloat16, with no
-        # float32 buffer at all (0.4x this loss's peak here), where tf_seqloss computes in float32.
-        pytest.skip("tf_keras computes this softmax in bfloat16: not the same computation")
+        # tf_keras' loss runs TensorFlow's kernel on the half-precision logits: a softmax in bfloat16 or
+        # float16, with no float32 buffer at all (0.4x this loss's peak here), where tf_seqloss computes in
+        # float32.
+        pytest.skip("tf_keras computes this softmax in half precision: not the same computation")
     if _fused.accelerator_visible():
         pytest.skip("`auto` keeps the reference on a machine with an accelerator")
-    peaks = _peaks(lambda entry: _FIT_PEAK.format(entry=entry), ("keras", "default"),
+    peaks = _peaks(lambda entry: _FIT_PEAK.format(entry=entry, policy=policy), ("keras", "default"),
                    within=lambda p: p["default"] <= 1.05 * p["keras"])
     assert peaks["default"] <= 1.05 * peaks["keras"], peaks
