@@ -238,9 +238,9 @@ def test_fit_under_mixed_precision_peaks_no_higher_than_keras(policy):
     and its gradient.
     """
     if tf.keras.losses.Loss.__module__.startswith("tf_keras"):
-        # tf_keras' loss runs TensorFlow's kernel on the half-precision logits: a softmax in bfloat16 or
-        # float16, with no float32 buffer at all (0.4x this loss's peak here), where tf_seqloss computes in
-        # float32.
+        # tf_keras' loss runs TensorFlow's kernel on the half-precision logits: a softmax in half precision,
+        # with no float32 buffer at all (in bfloat16 0.4x this loss's peak here), where tf_seqloss computes
+        # in float32.
         pytest.skip("tf_keras computes this softmax in half precision: not the same computation")
     if _fused.accelerator_visible():
         pytest.skip("`auto` keeps the reference on a machine with an accelerator")
