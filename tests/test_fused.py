@@ -438,19 +438,21 @@ def test_keras_hub_harness_runs_end_to_end(tmp_path):
         pytest.skip('keras-hub is not installed: pip install "tf_seqloss[keras-hub]"')
     rows = _run_benchmark("keras_hub_lm.py", tmp_path, "--models", "gpt2:16:300", "--dtypes", "float32",
                           "--modes", "function", "--routes", "default,fused,floor", "--layers", "1", "--batch", "2",
-                          "--time", "16", "--steps", "3", "--rounds", "2", stem="keras_hub_lm",
+                          "--time", "16", "--steps", "3", stem="keras_hub_lm",
                           plot="keras_hub_lm.png")
     rows = {row["route"]: row for row in rows}
     assert set(rows) == {"default", "fused", "floor"}
     for row in rows.values():
         assert "error" not in row, row
         assert row["peak_bytes"] >= 0 and row["tokens_per_s"] > 0 and row["fit_s"] > 0
-        assert row["rounds"] == 2 and row["tokens_per_s"] in row["tokens_per_s_all"]
+        # One round (each is a process a route, about 10 s here): `median_run`, which picks among rounds, is
+        # shared with head.py and run over two rounds in the whole-step harness test.
+        assert row["rounds"] == 1 and row["tokens_per_s_all"] == [row["tokens_per_s"]]
     # Random weights give nearly uniform logits: the fused route's loss (a mean over the real tokens) is
     # close to log(classes); keras-hub's default divides by every token, padding included, so it is lower.
     assert abs(rows["fused"]["loss"] - np.log(300)) < 0.05 * np.log(300), rows["fused"]
     assert rows["default"]["loss"] < rows["fused"]["loss"]
-    assert "the round of median tokens/s of 2 an entry" in (tmp_path / "keras_hub_lm.md").read_text()
+    assert "| gpt2:16:300 | float32 | function | fused |" in (tmp_path / "keras_hub_lm.md").read_text()
 
 
 @pytest.mark.slow
