@@ -251,6 +251,80 @@ def test_an_interruption_says_where_it_stopped_and_what_is_saved(interrupted_run
     assert interrupted_run["restored"].state.manager.latest_checkpoint == str(checkpoint)
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises `KeyboardInterrupt` here as in a terminal (a suite started in the background ignores it)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def innermost_frame(error):
+    traceback = error.__traceback__
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback.tb_frame
+
+
+@pytest.mark.parametrize("route", train.ROUTES)
+def test_ctrl_c_inside_tensorflow_code_takes_effect_at_the_end_of_the_step(route, tmp_path, ctrl_c_raises):
+    # Ctrl-C lands in TensorFlow's or Keras' own Python code, the next call into it after the second step of
+    # epoch 2 (a profile hook sends it from there). Raised there, it could leave their native objects half
+    # made; the run must go on to the end of the step, then stop, saying so.
+    config = tiny_config(tmp_path, route=route, epochs=2)
+    libraries = tuple(str(Path(module.__file__).parent) for module in (tf, keras))
+    armed = []
+
+    def send_inside_libraries(frame, event, arg):
+        if armed and event == "call" and frame.f_code.co_filename.startswith(libraries):
+            armed.clear()
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def arm(model, epoch, batch):
+        if (epoch, batch) == (1, 1):
+            armed.append(True)
+            sys.setprofile(send_inside_libraries)
+
+    try:
+        with pytest.raises(train.TrainingInterrupted) as interruption:
+            train.train(config, on_batch_end=arm, save=False, log=quiet)
+    finally:
+        sys.setprofile(None)
+    assert not armed  # the signal was sent
+    assert interruption.value.where == "in epoch 2 of 2, after step 3 of 4"
+    ctrl_c = interruption.value.__context__
+    assert type(ctrl_c) is KeyboardInterrupt
+    frame = innermost_frame(ctrl_c)
+    assert (Path(frame.f_code.co_filename).name, frame.f_code.co_name) == ("train.py", "check")
+    assert [row["epoch"] for row in csv.DictReader(open(config.route_dir / "history.csv"))] == ["1"]
+
+
+def test_a_second_ctrl_c_does_not_wait_for_the_step(ctrl_c_raises):
+    with pytest.raises(KeyboardInterrupt) as first:
+        with train._CtrlCAtStepEnds() as ctrl_c:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # the handler runs between two bytecodes: only noted
+            assert ctrl_c.pending
+        pytest.fail("a Ctrl-C noted but not taken by the end of the block")  # pragma: no cover
+    assert innermost_frame(first.value).f_code.co_name == "check"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back
+    with pytest.raises(KeyboardInterrupt) as second:
+        with train._CtrlCAtStepEnds():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            pytest.fail("a second Ctrl-C did not stop at once")  # pragma: no cover
+    assert innermost_frame(second.value).f_code.co_name == "_note"
+
+
+def test_ctrl_c_is_left_alone_where_it_does_not_raise(ctrl_c_raises):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a job started in the background
+    with train._CtrlCAtStepEnds():
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
 @pytest.mark.slow
 def test_a_finished_run_saves_models_that_decode_as_it_does(interrupted_run):
     finished = interrupted_run["finished"]

@@ -370,6 +370,48 @@ def _ctrl_c_deferred():
         raise KeyboardInterrupt
 
 
+class _CtrlCAtStepEnds:
+    """While training runs, Ctrl-C takes effect at the end of a step, not wherever it lands.
+
+    A `KeyboardInterrupt` raised in the middle of TensorFlow's or Keras' own Python code (a dataset iterator
+    being made, a `tf.function` being called) can leave their native objects half made or half freed. A
+    Ctrl-C landing just after an epoch's checkpoint, under tf_keras, once ended with glibc aborting the
+    process (`free(): invalid next size (fast)`, status -6) before the interruption message (1 of about 90
+    tries on a loaded 2-core machine). So inside the `with` block the first Ctrl-C is only noted, and
+    `check()`, called between steps, raises it as `KeyboardInterrupt`, in this file's code; a second Ctrl-C
+    before then raises at once, wherever it lands. Nothing changes outside the main thread, or where SIGINT
+    does not raise `KeyboardInterrupt` (ignored in a background job, or a handler of the caller's own).
+    """
+
+    def __init__(self):
+        self.pending = False
+        self._previous = None
+
+    def _note(self, signum, frame):
+        if self.pending:  # pressed again: the user does not want to wait for the step
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def check(self) -> None:
+        """Raises `KeyboardInterrupt` if Ctrl-C was pressed since the block began."""
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> "_CtrlCAtStepEnds":
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        if exc_info[0] is None:
+            self.check()  # pressed after the last step: taken now
+
+
 class RunSettingsError(ValueError):
     """A run directory holds a run with other settings."""
 
@@ -575,8 +617,9 @@ def train(config: Config, on_batch_end: Optional[Callable[[Seq2SeqModel, int, in
     """Trains (or resumes) the run `config` describes, evaluates it on the test examples and saves it.
 
     `on_batch_end(model, epoch, batch)`, if given, is called after every training step (zero-based
-    indices); an exception raised from it interrupts the run as Ctrl-C would. A `KeyboardInterrupt`
-    leaves as a `TrainingInterrupted` that says where the run stopped and what is saved.
+    indices); an exception raised from it interrupts the run as Ctrl-C would. While training runs, Ctrl-C
+    takes effect at the end of the step in progress (`_CtrlCAtStepEnds`). A `KeyboardInterrupt` leaves as a
+    `TrainingInterrupted` that says where the run stopped and what is saved.
     """
     started = time.perf_counter()
     stage, state, steps = "generating the data and building the model", None, 0
@@ -596,7 +639,9 @@ def train(config: Config, on_batch_end: Optional[Callable[[Seq2SeqModel, int, in
         if done < config.epochs:
             stage = "training"
             fit = _fit if config.route == "fit" else _custom_loop
-            fit(config, model, optimizer, state, done, train_data, validation_data, steps, on_batch_end)
+            with _CtrlCAtStepEnds() as ctrl_c:
+                fit(config, model, optimizer, state, done, train_data, validation_data, steps, on_batch_end,
+                    ctrl_c.check)
             state.epoch_in_progress = 0
         train_seconds = time.perf_counter() - started
 
@@ -664,7 +709,7 @@ def decode(config: Config, texts: Sequence[str], log: Callable[[str], None] = pr
     return result
 
 
-def _fit(config, model, optimizer, state, done, train_data, validation_data, steps, on_batch_end):
+def _fit(config, model, optimizer, state, done, train_data, validation_data, steps, on_batch_end, check_ctrl_c):
     # `restore_run` compiled the model with `optimizer`, and for the default head `SequenceLoss(normalizer="global")`
     # and the token metrics.
     if config.head == "fused":  # the targets go in with the inputs; the head adds the loss
@@ -680,16 +725,22 @@ def _fit(config, model, optimizer, state, done, train_data, validation_data, ste
             state.step = batch + 1
             if on_batch_end is not None:
                 on_batch_end(model, self.epoch, batch)
+            check_ctrl_c()
+
+        def on_test_batch_end(self, batch, logs=None):
+            check_ctrl_c()
 
         def on_epoch_end(self, epoch, logs=None):
             state.finish_epoch(float(logs["loss"]), float(logs["val_loss"]), time.perf_counter() - self.started)
+            check_ctrl_c()
 
     model.fit(train_data, validation_data=validation_data, epochs=config.epochs, initial_epoch=done,
               callbacks=[Checkpointer()], shuffle=False,  # the dataset reshuffles itself
               verbose=1 if config.progress else 2)  # 2: one line per epoch
 
 
-def _custom_loop(config, model, optimizer, state, done, train_data, validation_data, steps, on_batch_end):
+def _custom_loop(config, model, optimizer, state, done, train_data, validation_data, steps, on_batch_end,
+                 check_ctrl_c):
     from tqdm.auto import tqdm
 
     strategy = model.distribute_strategy  # MirroredStrategy with --replicas, else the default strategy
@@ -745,6 +796,7 @@ def _custom_loop(config, model, optimizer, state, done, train_data, validation_d
                 bar.set_postfix(loss=f"{total / count:.4f}")
                 if on_batch_end is not None:
                     on_batch_end(model, len(state.history), batch)
+            check_ctrl_c()
         return total / count
 
     for epoch in range(done, config.epochs):
@@ -764,6 +816,7 @@ def _custom_loop(config, model, optimizer, state, done, train_data, validation_d
             print(f"Epoch {epoch + 1}/{config.epochs} - {state.history[-1]['seconds']:.0f}s - loss: {loss:.4f} "
                   f"- val_loss: {val_loss:.4f} - val_token_perplexity: {perplexity:.4f} "
                   f"- val_token_accuracy: {accuracy:.4f}")
+        check_ctrl_c()
 
 
 def evaluate(model: Seq2SeqModel, examples: Sequence[data.Example], batch_size: int):
