@@ -299,6 +299,32 @@ def test_ctrl_c_inside_tensorflow_code_takes_effect_at_the_end_of_the_step(route
     assert [row["epoch"] for row in csv.DictReader(open(config.route_dir / "history.csv"))] == ["1"]
 
 
+def test_ctrl_c_as_the_last_epoch_is_recorded_says_that_every_epoch_is_trained(tmp_path, ctrl_c_raises):
+    config = tiny_config(tmp_path, route="loop", epochs=1)
+    checkpointing = str(Path(tf.__file__).parent / "python" / "checkpoint")
+    armed = []
+
+    def send_while_checkpointing(frame, event, arg):  # as the epoch's checkpoint is written
+        if armed and event == "call" and frame.f_code.co_filename.startswith(checkpointing):
+            armed.clear()
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def arm(model, epoch, batch):
+        if batch == 3:
+            armed.append(True)
+            sys.setprofile(send_while_checkpointing)
+
+    try:
+        with pytest.raises(train.TrainingInterrupted) as interruption:
+            train.train(config, on_batch_end=arm, save=False, log=quiet)
+    finally:
+        sys.setprofile(None)
+    assert not armed  # the signal was sent
+    assert interruption.value.where == "after epoch 1 of 1"
+    assert interruption.value.saved.endswith(
+        f"{config.route_dir / 'history.csv'}. Every epoch is trained: resuming evaluates and saves the model.")
+
+
 def test_a_second_ctrl_c_does_not_wait_for_the_step(ctrl_c_raises):
     with pytest.raises(KeyboardInterrupt) as first:
         with train._CtrlCAtStepEnds() as ctrl_c:
