@@ -374,13 +374,14 @@ class _CtrlCAtStepEnds:
     """While training runs, Ctrl-C takes effect at the end of a step, not wherever it lands.
 
     A `KeyboardInterrupt` raised in the middle of TensorFlow's or Keras' own Python code (a dataset iterator
-    being made, a `tf.function` being called) can leave their native objects half made or half freed. A
-    Ctrl-C landing just after an epoch's checkpoint, under tf_keras, once ended with glibc aborting the
-    process (`free(): invalid next size (fast)`, status -6) before the interruption message (1 of about 90
-    tries on a loaded 2-core machine). So inside the `with` block the first Ctrl-C is only noted, and
-    `check()`, called between steps, raises it as `KeyboardInterrupt`, in this file's code; a second Ctrl-C
-    before then raises at once, wherever it lands. Nothing changes outside the main thread, or where SIGINT
-    does not raise `KeyboardInterrupt` (ignored in a background job, or a handler of the caller's own).
+    being made, a `tf.function` being called) can leave their native objects half made or half freed. Under
+    tf_keras a Ctrl-C landing just after an epoch's checkpoint ended twice with glibc aborting the process
+    (`free(): invalid next size (fast)`, status -6) before the interruption message: once in a test run, once
+    in 92 tries sending it 0-0.3 s after the checkpoint appeared. So inside the `with` block the first Ctrl-C
+    is only noted, and `check()`, called between steps, raises it as `KeyboardInterrupt`, in this file's
+    code; a second Ctrl-C before then raises at once, wherever it lands. Nothing changes outside the main
+    thread, or where SIGINT does not raise `KeyboardInterrupt` (ignored in a background job, or a handler of
+    the caller's own).
     """
 
     def __init__(self):
