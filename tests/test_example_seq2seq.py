@@ -266,24 +266,21 @@ def innermost_frame(error):
     return traceback.tb_frame
 
 
-@pytest.mark.parametrize("route", train.ROUTES)
-def test_ctrl_c_inside_tensorflow_code_takes_effect_at_the_end_of_the_step(route, tmp_path, ctrl_c_raises):
-    # Ctrl-C lands in TensorFlow's or Keras' own Python code, the next call into it after the second step of
-    # epoch 2 (a profile hook sends it from there). Raised there, it could leave their native objects half
-    # made; the run must go on to the end of the step, then stop, saying so.
-    config = tiny_config(tmp_path, route=route, epochs=2)
-    libraries = tuple(str(Path(module.__file__).parent) for module in (tf, keras))
+def train_until_ctrl_c_from(config, folders, after_step):
+    """Trains `config` with SIGINT sent from the first call into a file under `folders` once
+    `after_step(epoch, batch)` held after a training step (a profile hook sends it); returns the
+    `TrainingInterrupted`."""
     armed = []
 
-    def send_inside_libraries(frame, event, arg):
-        if armed and event == "call" and frame.f_code.co_filename.startswith(libraries):
+    def send_from_there(frame, event, arg):
+        if armed and event == "call" and frame.f_code.co_filename.startswith(folders):
             armed.clear()
             os.kill(os.getpid(), signal.SIGINT)
 
     def arm(model, epoch, batch):
-        if (epoch, batch) == (1, 1):
+        if after_step(epoch, batch):
             armed.append(True)
-            sys.setprofile(send_inside_libraries)
+            sys.setprofile(send_from_there)
 
     try:
         with pytest.raises(train.TrainingInterrupted) as interruption:
@@ -291,8 +288,19 @@ def test_ctrl_c_inside_tensorflow_code_takes_effect_at_the_end_of_the_step(route
     finally:
         sys.setprofile(None)
     assert not armed  # the signal was sent
-    assert interruption.value.where == "in epoch 2 of 2, after step 3 of 4"
-    ctrl_c = interruption.value.__context__
+    return interruption.value
+
+
+@pytest.mark.parametrize("route", train.ROUTES)
+def test_ctrl_c_inside_tensorflow_code_takes_effect_at_the_end_of_the_step(route, tmp_path, ctrl_c_raises):
+    # Ctrl-C lands in TensorFlow's or Keras' own Python code, the next call into it after the second step of
+    # epoch 2. Raised there, it could leave their native objects half made; the run must go on to the end of
+    # the step, then stop, saying so.
+    config = tiny_config(tmp_path, route=route, epochs=2)
+    libraries = tuple(str(Path(module.__file__).parent) for module in (tf, keras))
+    interruption = train_until_ctrl_c_from(config, libraries, lambda epoch, batch: (epoch, batch) == (1, 1))
+    assert interruption.where == "in epoch 2 of 2, after step 3 of 4"
+    ctrl_c = interruption.__context__
     assert type(ctrl_c) is KeyboardInterrupt
     frame = innermost_frame(ctrl_c)
     assert (Path(frame.f_code.co_filename).name, frame.f_code.co_name) == ("train.py", "check")
@@ -301,27 +309,10 @@ def test_ctrl_c_inside_tensorflow_code_takes_effect_at_the_end_of_the_step(route
 
 def test_ctrl_c_as_the_last_epoch_is_recorded_says_that_every_epoch_is_trained(tmp_path, ctrl_c_raises):
     config = tiny_config(tmp_path, route="loop", epochs=1)
-    checkpointing = str(Path(tf.__file__).parent / "python" / "checkpoint")
-    armed = []
-
-    def send_while_checkpointing(frame, event, arg):  # as the epoch's checkpoint is written
-        if armed and event == "call" and frame.f_code.co_filename.startswith(checkpointing):
-            armed.clear()
-            os.kill(os.getpid(), signal.SIGINT)
-
-    def arm(model, epoch, batch):
-        if batch == 3:
-            armed.append(True)
-            sys.setprofile(send_while_checkpointing)
-
-    try:
-        with pytest.raises(train.TrainingInterrupted) as interruption:
-            train.train(config, on_batch_end=arm, save=False, log=quiet)
-    finally:
-        sys.setprofile(None)
-    assert not armed  # the signal was sent
-    assert interruption.value.where == "after epoch 1 of 1"
-    assert interruption.value.saved.endswith(
+    checkpointing = str(Path(tf.__file__).parent / "python" / "checkpoint")  # as the epoch's checkpoint is written
+    interruption = train_until_ctrl_c_from(config, checkpointing, lambda epoch, batch: batch == 3)
+    assert interruption.where == "after epoch 1 of 1"
+    assert interruption.saved.endswith(
         f"{config.route_dir / 'history.csv'}. Every epoch is trained: resuming evaluates and saves the model.")
 
 
