@@ -608,10 +608,10 @@ def _interruption(stage: str, config: Config, state: Optional[_RunState], steps:
         finished = "epoch 1" if state.saved_epochs == 1 else f"epochs 1-{state.saved_epochs}"
         saved = (f"Saved: {finished} of {config.epochs} in {state.manager.latest_checkpoint} "
                  f"(weights, optimizer, epoch count) and {state.history_path}.")
-        if stage == "training" and state.saved_epochs < config.epochs:
-            saved += f" Epoch {state.saved_epochs + 1} is trained again from its start when resumed."
-        elif stage == "training":  # stopped as the last epoch was recorded
-            saved += " Every epoch is trained: resuming evaluates and saves the model."
+        if stage == "training":
+            saved += (f" Epoch {state.saved_epochs + 1} is trained again from its start when resumed."
+                      if state.saved_epochs < config.epochs  # else stopped as the last epoch was recorded
+                      else " Every epoch is trained: resuming evaluates and saves the model.")
     return TrainingInterrupted(where, saved)
 
 
