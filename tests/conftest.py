@@ -86,8 +86,9 @@ FLAVOUR_FREE_FILES = {
     "test_adversarial.py", "test_compat_tfa.py", "test_example_setup.py", "test_example_state.py", "test_fused.py",
     "test_fused_gradients.py", "test_graph_modes.py", "test_linear_head.py", "test_lint.py",
     "test_oracle_parity.py", "test_padding_is_inert.py", "test_reliability.py", "test_sampled_loss.py",
-    "test_sequence_loss.py", "test_sharding.py", "test_tf1_losses.py", "test_upgrade.py", "test_upgrade_files.py",
-    "test_upgrade_notebooks.py", "test_docs.py",
+    "test_readme.py", "test_sequence_loss.py", "test_sharding.py", "test_soft_cap.py", "test_tf1_losses.py",
+    "test_typing.py", "test_upgrade.py", "test_upgrade_files.py", "test_upgrade_notebooks.py", "test_docs.py",
+    "test_whole_steps.py",
 }
 
 

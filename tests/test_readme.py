@@ -16,7 +16,9 @@ def test_readme_has_python_examples():
     assert len([block for block in BLOCKS if block.lang == "python"]) >= 3
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=[block.id for block in BLOCKS])
+# A block that uses Keras runs under both flavours (tests/conftest.py, FLAVOUR_FREE_FILES); the others once.
+@pytest.mark.parametrize("block", [pytest.param(block, id=block.id, marks=[pytest.mark.keras] if block.uses_keras
+                                                else []) for block in BLOCKS])
 def test_readme_block(block):
     doc_blocks.check(block, BLOCKS)
 

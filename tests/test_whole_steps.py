@@ -230,6 +230,7 @@ print("PEAK " + json.dumps(tf.config.experimental.get_memory_info("CPU:0")["peak
 
 
 @pytest.mark.slow  # two fresh processes
+@pytest.mark.keras  # runs under both flavours (tests/conftest.py, FLAVOUR_FREE_FILES)
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_fit_under_mixed_precision_peaks_no_higher_than_keras(policy):
     """`SequenceLoss` used to cast the bfloat16 logits to float32 itself: 1.6x Keras' peak in `fit`.
