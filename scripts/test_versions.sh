@@ -7,6 +7,7 @@
 #   py312-tf220                 Python 3.12, TensorFlow 2.20.0, tf_keras 2.20.1, Keras 3.15.1
 #   py313-tf221 (alias newest)  Python 3.13, TensorFlow 2.21.0, tf_keras 2.21.0, Keras 3.15.1
 # Usage: bash scripts/test_versions.sh COMBINATION [pytest arguments]
+#        bash scripts/test_versions.sh COMBINATION --install-only   (makes the environment, runs nothing)
 # The interpreter is pyenv's Python of the version its constraint file names (`# python: X.Y.Z`) if
 # installed, else `pythonX.Y` on PATH.
 set -euo pipefail
@@ -14,7 +15,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 combinations=$(cd constraints && ls -- *.txt | sed 's/\.txt$//' | paste -sd, - | sed 's/,/, /g')
-usage="Usage: bash scripts/test_versions.sh COMBINATION [pytest arguments]; COMBINATION is oldest, newest or one of: $combinations"
+usage="Usage: bash scripts/test_versions.sh COMBINATION [--install-only | pytest arguments]; COMBINATION is oldest, newest or one of: $combinations"
 if [ $# -lt 1 ]; then
     echo "$usage" >&2
     exit 2
@@ -65,5 +66,8 @@ import platform
 from importlib.metadata import version
 print(", ".join(["Python " + platform.python_version()]
                 + [name + " " + version(name) for name in ("tensorflow", "keras", "tf_keras")]))')"
+if [ "${1:-}" = "--install-only" ]; then
+    exit 0
+fi
 # _venv.sh keeps its settings from the suite's environment: test.sh is given them again.
 TF_SEQLOSS_VENV="$venv" PYTHON="$python" TF_SEQLOSS_CONSTRAINTS="$constraints" exec bash scripts/test.sh "$@"

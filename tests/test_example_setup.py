@@ -261,6 +261,9 @@ def test_test_versions_sh_runs_the_suite_in_the_combinations_own_environment(tmp
     assert re.fullmatch(r"4 passed in [\d.]+s", lines[lines.index("== tf_keras (TF_USE_LEGACY_KERAS=1) ==") - 1])
     assert re.fullmatch(r"1 failed, 3 passed in [\d.]+s", lines[-1]), lines
     assert not (root / ".venv").exists()
+    # `--install-only` (CI makes this environment beside ./.venv): the same environment named, no suite run.
+    only = run_test_versions(root, "fake", "--install-only", PYENV_ROOT=str(pyenv))
+    assert (only.returncode, only.stdout.splitlines()) == (0, lines[:1]), only.stdout + only.stderr
 
 
 @pytest.mark.parametrize("case", ["unknown combination", "no interpreter", "another interpreter's folder"])
