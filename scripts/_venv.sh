@@ -23,11 +23,9 @@ extras="test,example"
 if [ ! -e "$stamp" ]; then
     echo "Installing tf_seqloss and its test and example dependencies into ./$venv (once; a few minutes)..."
     # pip's own output (index warnings, setuptools' editable-install notice) goes to a log, shown on failure.
-    # `--no-compile`: pip would byte-compile every module of TensorFlow and the rest (a third of the install's
-    # time); Python compiles the ones a run imports, once, as it imports them.
     log="$venv/install.log"
     if ! { "$venv/bin/python" -m pip install --upgrade pip \
-            && "$venv/bin/python" -m pip install --no-compile ${constraints:+-c "$constraints"} -e ".[$extras]"; } \
+            && "$venv/bin/python" -m pip install ${constraints:+-c "$constraints"} -e ".[$extras]"; } \
             > "$log" 2>&1; then
         cat "$log" >&2
         echo "Installing into ./$venv failed; the output above is also in $log." >&2
