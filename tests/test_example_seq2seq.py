@@ -336,6 +336,42 @@ def test_ctrl_c_is_left_alone_where_it_does_not_raise(ctrl_c_raises):
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
+def test_ctrl_c_while_an_epoch_is_recorded_goes_to_its_handler_once_the_record_is_written(ctrl_c_raises):
+    def press_twice():
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # a handler runs between two bytecodes: here, if it were not held
+
+    written = []
+    with pytest.raises(KeyboardInterrupt):  # the default handler: raised once the block is done
+        with train._ctrl_c_deferred():
+            press_twice()
+            written.append("record")
+    assert written == ["record"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    calls = []
+    signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))  # a caller's own handler
+    with train._ctrl_c_deferred():
+        press_twice()
+        assert calls == []
+    assert calls == [signal.SIGINT]  # handed on once, not turned into a KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a job started in the background: still ignored
+    with train._ctrl_c_deferred():
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        press_twice()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+    # While training runs, the step-end holder gets it: noted, then raised by its `check`.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    with pytest.raises(KeyboardInterrupt) as taken:
+        with train._CtrlCAtStepEnds() as ctrl_c:
+            with train._ctrl_c_deferred():
+                press_twice()
+            assert ctrl_c.pending
+    assert traceback.extract_tb(taken.value.__traceback__)[-1].name == "check"
+
+
 @pytest.mark.slow
 def test_a_finished_run_saves_models_that_decode_as_it_does(interrupted_run):
     finished = interrupted_run["finished"]

@@ -356,8 +356,11 @@ def _checkpoint_write_errors(where):
 
 @contextlib.contextmanager
 def _ctrl_c_deferred():
-    """Delays a SIGINT received inside the block until its end (only the main thread receives signals)."""
-    if threading.current_thread() is not threading.main_thread():
+    """Holds a SIGINT received inside the block until its end, then hands it, once, to the handler it would
+    have gone to (`KeyboardInterrupt` by default, `_CtrlCAtStepEnds` while training runs). Nothing changes
+    outside the main thread (only it receives signals) or where SIGINT is ignored."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
         yield
         return
     received = []
@@ -367,7 +370,7 @@ def _ctrl_c_deferred():
     finally:
         signal.signal(signal.SIGINT, previous)
     if received:
-        raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGINT)
 
 
 class _CtrlCAtStepEnds:
