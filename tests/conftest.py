@@ -1,3 +1,4 @@
+import collections
 import os
 import zlib
 from pathlib import Path
@@ -79,9 +80,9 @@ def _fresh_keras_session():
 
 # Files of tests that exercise plain TensorFlow code, which does not depend on the Keras flavour; their tests
 # that do touch Keras carry `@pytest.mark.keras`. scripts/test.sh runs the suite once per flavour, side by
-# side, and sets TF_SEQLOSS_SHARD=K/N on each run: the flavour-free tests are then split between the runs by a
-# stable hash of their id (shard K of N; `0-1/3` takes shards 0 and 1 of 3), so that each runs once, in
-# one of the two. Unset (a plain `pytest`), every test runs.
+# side, and sets TF_SEQLOSS_SHARD=K/N on each run (shard K of N; `0-1/3` takes shards 0 and 1 of 3): the
+# flavour-free tests are then split between the runs, so that each runs once, in one of the two (see
+# _shard_of). Unset (a plain `pytest`), every test runs.
 FLAVOUR_FREE_FILES = {
     "test_adversarial.py", "test_compat_tfa.py", "test_example_setup.py", "test_example_state.py", "test_fused.py",
     "test_fused_gradients.py", "test_graph_modes.py", "test_linear_head.py", "test_lint.py",
@@ -104,6 +105,33 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: an end-to-end run (the example's training and SIGKILL runs, "
                                        "multi-worker) that scripts/test.sh leaves out unless asked "
                                        "(`bash scripts/test.sh -m slow`); CI runs them after the suite")
+    config.addinivalue_line("markers", "duration(seconds): about how long a slow flavour-free test takes alone "
+                                       "(pytest --durations); scripts/test.sh balances its two suites with it")
+
+
+def _shard_of(items, total):
+    """Returns `{nodeid: shard}` for the flavour-free `items`, the same in every run that collected them.
+
+    Tests marked `duration` (the slow ones that take a good share of a run) are dealt out first, longest
+    first, each to the shard with the fewest of those seconds so far: a few minute-long tests decide when
+    the slow set ends. Every other test function takes a stable hash of its id, and its parametrized cases
+    take that shard and the next ones in turn."""
+    def seconds(item):
+        return item.get_closest_marker("duration").args[0]
+
+    shards = {}
+    load = [0.0] * total
+    timed = [item for item in items if item.get_closest_marker("duration") is not None]
+    for item in sorted(timed, key=lambda item: (-seconds(item), item.nodeid)):
+        shards[item.nodeid] = shard = min(range(total), key=lambda k: (load[k], k))
+        load[shard] += seconds(item)
+    taken = collections.Counter()
+    for item in items:
+        if item.nodeid not in shards:
+            function = item.nodeid.split("[", 1)[0]
+            shards[item.nodeid] = (zlib.crc32(function.encode()) + taken[function]) % total
+            taken[function] += 1
+    return shards
 
 
 def pytest_collection_modifyitems(config, items):
@@ -111,13 +139,9 @@ def pytest_collection_modifyitems(config, items):
     if not spec:
         return
     mine, total = _shards(spec)
-    kept, dropped = [], []
-    for item in items:
-        shared = Path(str(item.fspath)).name in FLAVOUR_FREE_FILES and item.get_closest_marker("keras") is None
-        if shared and zlib.crc32(item.nodeid.encode()) % total not in mine:
-            dropped.append(item)
-        else:
-            kept.append(item)
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = kept
+    shared = [item for item in items if Path(str(item.fspath)).name in FLAVOUR_FREE_FILES
+              and item.get_closest_marker("keras") is None]
+    others = {nodeid for nodeid, shard in _shard_of(shared, total).items() if shard not in mine}
+    if others:
+        config.hook.pytest_deselected(items=[item for item in items if item.nodeid in others])
+        items[:] = [item for item in items if item.nodeid not in others]

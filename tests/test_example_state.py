@@ -177,8 +177,10 @@ def assert_restored_weights(run, trained):
 # --- item 16: a write killed half way -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, point", [("config.json", "write"), ("config.json", "replace"),
-                                         ("history.csv", "write")])
+@pytest.mark.parametrize("name, point", [
+    pytest.param("config.json", "write", marks=pytest.mark.duration(10)),
+    pytest.param("config.json", "replace", marks=pytest.mark.duration(9)),
+    pytest.param("history.csv", "write", marks=pytest.mark.duration(24))])  # it trains an epoch more
 @pytest.mark.slow
 def test_a_write_killed_half_way_leaves_the_previous_file_and_the_next_run_resumes(trained, tmp_path, name, point):
     config, _ = copy_of(trained, tmp_path, epochs=2)  # history.csv is written at the end of epoch 2
@@ -325,6 +327,7 @@ def write_checkpoint_of_an_earlier_version(config):
 
 
 @pytest.mark.slow
+@pytest.mark.duration(13)
 def test_a_checkpoint_of_an_earlier_version_resumes_and_says_what_cannot_be_rebuilt(trained, tmp_path):
     config, _ = copy_of(trained, tmp_path)
     write_checkpoint_of_an_earlier_version(config)
@@ -367,7 +370,8 @@ def no_space(*args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["config.json", "history.csv"])
+@pytest.mark.parametrize("name", [pytest.param("config.json", marks=pytest.mark.duration(10)),
+                                  pytest.param("history.csv", marks=pytest.mark.duration(20))])
 def test_a_full_disk_keeps_the_previous_state_and_says_so_in_one_line(trained, tmp_path, capsys, monkeypatch, name):
     config, args = copy_of(trained, tmp_path)
     path = config.route_dir / name

@@ -408,6 +408,7 @@ def test_xla_floor_harness_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.duration(47)
 def test_whole_step_and_fused_head_harnesses_run_end_to_end(tmp_path):
     rows = _run_benchmark("steps.py", tmp_path / "steps", "--batch", "2", "--time", "16", "--features", "8",
                           "--classes", "1500", "--modes", "function,fit", "--entries", "default,tf.nn,linear,floor",
@@ -447,6 +448,7 @@ def test_median_run_picks_the_median_good_run():
 
 
 @pytest.mark.slow
+@pytest.mark.duration(35)
 def test_keras_hub_harness_runs_end_to_end(tmp_path):
     # The harness runs its entries on Keras 3 whatever the flavour here; keras-hub is an optional extra.
     if importlib.util.find_spec("keras_hub") is None:
@@ -471,6 +473,7 @@ def test_keras_hub_harness_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.duration(16)
 def test_chunked_matmuls_harness_runs_end_to_end(tmp_path):
     # The harness itself checks each chunked product against the whole one (the sum of its squares) and
     # fails on a mismatch: a run that completes computed the same three products both ways.

@@ -75,7 +75,8 @@ def _peaks(script, entries, within):
     return peaks
 
 
-@pytest.mark.slow  # three fresh processes a mode, about a minute: CI runs it with the slow set
+@pytest.mark.slow  # three fresh processes a mode: CI runs it with the slow set
+@pytest.mark.duration(21)
 @pytest.mark.parametrize("mode", ["static", "none_sizes"])
 def test_default_whole_step_peaks_no_higher_than_tf_nn(mode):
     if _fused.accelerator_visible():
