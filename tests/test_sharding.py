@@ -59,3 +59,27 @@ def test_the_two_suites_of_test_sh_together_run_every_test_and_flavour_free_ones
 def _flavour_free():
     from tests.conftest import FLAVOUR_FREE_FILES
     return FLAVOUR_FREE_FILES
+
+
+class _Item:
+    """What `_shard_of` reads of a collected test: its id and its `duration` mark, if any."""
+
+    def __init__(self, nodeid, seconds=None):
+        self.nodeid, self.seconds = nodeid, seconds
+
+    def get_closest_marker(self, name):
+        assert name == "duration"
+        return None if self.seconds is None else type("Mark", (), {"args": (self.seconds,)})()
+
+
+def test_long_slow_tests_are_dealt_out_longest_first_and_cases_take_turns():
+    from tests.conftest import _shard_of
+
+    timed = [_Item(f"tests/test_a.py::test_{seconds}", seconds) for seconds in (9, 47, 21, 35, 10)]
+    cases = [_Item(f"tests/test_b.py::test_cases[{i}]") for i in range(5)]
+    shards = _shard_of(timed + cases, 2)
+    # Loads after each: 47 -> 0 (47, 0); 35 -> 1 (47, 35); 21 -> 1 (47, 56); 10 -> 0 (57, 56); 9 -> 1 (57, 65).
+    assert {item.seconds: shards[item.nodeid] for item in timed} == {47: 0, 35: 1, 21: 1, 10: 0, 9: 1}
+    assert _shard_of(list(reversed(timed)) + cases, 2) == shards  # by duration, whatever the collection order
+    first = shards[cases[0].nodeid]  # a stable hash of the function's id; its cases take turns
+    assert [shards[case.nodeid] for case in cases] == [(first + i) % 2 for i in range(5)]
