@@ -83,3 +83,14 @@ def test_long_slow_tests_are_dealt_out_longest_first_and_cases_take_turns():
     assert _shard_of(list(reversed(timed)) + cases, 2) == shards  # by duration, whatever the collection order
     first = shards[cases[0].nodeid]  # a stable hash of the function's id; its cases take turns
     assert [shards[case.nodeid] for case in cases] == [(first + i) % 2 for i in range(5)]
+    # With shard 1 given a 60 s head start: 47 -> 0 (47, 60); 35 -> 0 (82, 60); 21 -> 1 (82, 81); 10 -> 1
+    # (82, 91); 9 -> 0 (91, 91).
+    started = _shard_of(timed + cases, 2, {1: 60})
+    assert {item.seconds: started[item.nodeid] for item in timed} == {47: 0, 35: 0, 21: 1, 10: 1, 9: 0}
+
+
+def test_the_head_start_is_for_the_suite_test_sh_runs_under_tf_keras():
+    from tests.conftest import SLOW_HEAD_START
+
+    assert set(SLOW_HEAD_START) == {1}
+    assert re.search(r"^TF_USE_LEGACY_KERAS=1 TF_SEQLOSS_SHARD=1/2 ", SCRIPT, re.M)
