@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = (ROOT / "scripts" / "test.sh").read_text()
 
@@ -69,7 +71,7 @@ class _Item:
 
     def get_closest_marker(self, name):
         assert name == "duration"
-        return None if self.seconds is None else type("Mark", (), {"args": (self.seconds,)})()
+        return None if self.seconds is None else pytest.mark.duration(self.seconds).mark
 
 
 def test_long_slow_tests_are_dealt_out_longest_first_and_cases_take_turns():
