@@ -336,7 +336,7 @@ def test_ctrl_c_is_left_alone_where_it_does_not_raise(ctrl_c_raises):
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
-def test_ctrl_c_while_an_epoch_is_recorded_goes_to_its_handler_once_the_record_is_written(ctrl_c_raises):
+def test_ctrl_c_while_an_epoch_is_recorded_goes_to_its_handler_once_the_record_is_written(ctrl_c_raises, monkeypatch):
     def press_twice():
         for _ in range(2):
             os.kill(os.getpid(), signal.SIGINT)
@@ -361,6 +361,17 @@ def test_ctrl_c_while_an_epoch_is_recorded_goes_to_its_handler_once_the_record_i
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         press_twice()
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+    # A handler installed outside Python (an embedding host): `getsignal` gives None, and a handler swapped
+    # in could not be put back (`signal.signal(SIGINT, None)` raises TypeError). Left alone.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    real_getsignal = signal.getsignal
+    with monkeypatch.context() as patched:
+        patched.setattr(signal, "getsignal", lambda signum: None)
+        with train._ctrl_c_deferred():
+            written.append("record")
+            assert real_getsignal(signal.SIGINT) is signal.default_int_handler
+    assert written == ["record", "record"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
     # While training runs, the step-end holder gets it: noted, then raised by its `check`.
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -358,9 +358,10 @@ def _checkpoint_write_errors(where):
 def _ctrl_c_deferred():
     """Holds a SIGINT received inside the block until its end, then hands it, once, to the handler it would
     have gone to (`KeyboardInterrupt` by default, `_CtrlCAtStepEnds` while training runs). Nothing changes
-    outside the main thread (only it receives signals) or where SIGINT is ignored."""
+    outside the main thread (only it receives signals), where SIGINT is ignored, or where its handler was not
+    installed from Python (`getsignal` gives None: it could not be put back)."""
     if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
+            or signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None)):
         yield
         return
     received = []
