@@ -374,7 +374,6 @@ def test_ctrl_c_while_an_epoch_is_recorded_goes_to_its_handler_once_the_record_i
     assert written == ["record", "record"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
     # While training runs, the step-end holder gets it: noted, then raised by its `check`.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     with pytest.raises(KeyboardInterrupt) as taken:
         with train._CtrlCAtStepEnds() as ctrl_c:
             with train._ctrl_c_deferred():
